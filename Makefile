@@ -1,0 +1,33 @@
+# Quick start: `make demo` (set up + pre-train on the bundled data) and `make test` (set up + tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sslctl-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the build this project is tested with (served locally on our machines);
+# then the package with its dev and DALI extras.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev,dali]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sslctl pretrain --profile demo-cpu --out runs/demo
+
+test: setup
+	$(VENV)/bin/ruff check sslctl tests benchmarks
+	$(VENV)/bin/mypy sslctl
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check sslctl tests benchmarks
+	$(VENV)/bin/ruff format --check sslctl tests benchmarks
+	$(VENV)/bin/mypy sslctl
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""What every command shares: the one-line error convention and small option helpers."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from sslctl import UserError
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+
+
+def user_errors(fn: F) -> F:
+    """Turn UserError (and a few OS errors a user causes) into one line on stderr + exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(msg: str) -> None:
+    err_console.print(f"[red]error:[/] {msg}", soft_wrap=True)
+    sys.exit(EXIT_USER_ERROR)

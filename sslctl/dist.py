@@ -1,0 +1,136 @@
+"""The only module that touches torch.distributed and the torchrun environment.
+
+Every helper is correct in a single process (rank 0, world size 1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick this rank's device."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not tdist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def is_dist() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        tdist.barrier()
+
+
+def shutdown() -> None:
+    if is_dist():
+        tdist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy); identity in one process."""
+    if not is_dist():
+        return t
+    t = t.clone()
+    tdist.all_reduce(t)
+    return t / world_size()
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return t
+    t = t.clone()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_dist():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns each rank its own slice of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        tdist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = torch.stack(grads)
+        tdist.all_reduce(g)
+        return g[rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (n×…) from all ranks along dim 0, differentiable; x itself in one process.
+
+    Requires the same n on every rank (drop_last guarantees it in training).
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+def gather_varsize(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks in rank order (no grad), allowing different first dims."""
+    if not is_dist() or world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    tdist.all_gather(sizes, n)
+    m = int(max(int(s.item()) for s in sizes))
+    pad = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    pad[: x.shape[0]] = x
+    out = [torch.empty_like(pad) for _ in range(world_size())]
+    tdist.all_gather(out, pad)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)], dim=0)

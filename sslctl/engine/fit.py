@@ -1,0 +1,324 @@
+"""fit(): the shared pre-training engine — DDP, AMP, accumulation, LARS, schedules, EMA, checkpoints.
+
+One AMP path (autocast + GradScaler(enabled=fp16)); DDP wraps only the trained module (online);
+the target stays outside DDP and the optimizer; schedules are arrays indexed by the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sslctl import UserError, __version__, checkpoint, dist, log
+from sslctl.config import Config, to_yaml
+from sslctl.engine.lars import LARS, param_groups_lars
+from sslctl.engine.preempt import StopFlag
+from sslctl.engine.schedules import target_momentum, warmup_cosine
+from sslctl.methods import SiameseMethod, build_method
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TrainingHalted(UserError):
+    """The run stopped itself for a reason the user must look at (non-finite loss, disk full)."""
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    cfg: Config
+    run_dir: Path
+    loader: Any  # data backend object: steps_per_epoch, epoch(e, start_batch) -> iterator of (v1, v2)
+    resume: str = "auto"  # auto | none | a checkpoint path
+    max_steps: int | None = None
+    init_backbone: dict[str, torch.Tensor] | None = None  # init.weights, read by the caller
+
+
+@dataclass(frozen=True)
+class FitResult:
+    step: int
+    epoch: int
+    stopped: str  # done | max_steps | signal
+    checkpoint: Path | None
+    last_loss: float
+    images_per_s: float
+    metrics: Path
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch: int = 0  # micro-batches of `epoch` already consumed
+
+
+def build_optimizer(cfg: Config, online: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups_lars(online, cfg.optim.weight_decay)
+    o = cfg.optim
+    if o.name == "lars":
+        return LARS(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coef=o.trust_coef)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class Trainer:
+    """Holds the state of one run; ``run()`` trains until done, max_steps or a stop signal."""
+
+    def __init__(self, req: FitRequest, di: dist.DistInfo):
+        self.req, self.cfg, self.di = req, req.cfg, di
+        cfg = self.cfg
+        self.acc = cfg.train.accumulate
+        self.steps_per_epoch = req.loader.steps_per_epoch // self.acc
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"one optimizer step needs {self.acc} micro-batches of {cfg.train.batch_size} per process, "
+                f"but the data gives only {req.loader.steps_per_epoch} per epoch; lower train.batch_size or "
+                "train.accumulate, or use more images"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.ckpt_dir = req.run_dir / "checkpoints"
+        self.method: SiameseMethod = build_method(cfg)
+        if req.init_backbone is not None:
+            # Continue from given backbone weights (SPEC §1 SYSU-30k run): online and target alike.
+            self.method.online.encoder.backbone.load_state_dict(req.init_backbone, strict=True)
+            self.method.target.backbone.load_state_dict(req.init_backbone, strict=True)
+        self.method.to(di.device)
+        self._prepare_model()
+        self.opt = build_optimizer(cfg, self.method.online)
+        self.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.train.precision == "fp16")
+        warm = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.lr = warmup_cosine(
+            cfg.optim.lr, self.total_steps, warm, cfg.optim.warmup_start_factor, cfg.optim.final_lr_factor
+        ).tolist()
+        self.mom = target_momentum(cfg.method.base_momentum, self.total_steps).tolist()
+        self.pos = Position()
+        self.nonfinite = 0
+        self.metrics = log.MetricsWriter(req.run_dir / "metrics.jsonl")
+
+    def _prepare_model(self) -> None:
+        cfg, di = self.cfg, self.di
+        cuda = di.device.type == "cuda"
+        if cfg.model.sync_bn and di.world_size > 1 and cuda:
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)  # type: ignore[assignment]
+        if cuda and cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.online: nn.Module = self.method.online
+        if di.world_size > 1:
+            ids = [di.device.index] if cuda else None
+            self.online = DDP(self.method.online, device_ids=ids, broadcast_buffers=True)
+
+    # ----------------------------------------------------------------- checkpoints
+    def meta(self) -> dict[str, str]:
+        c = self.cfg
+        return {
+            "method": c.method.name,
+            "arch": c.model.arch,
+            "small_stem": str(c.model.small_stem).lower(),
+            "config": c.to_json(),
+            "epoch": str(self.pos.epoch),
+            "sslctl_version": __version__,
+        }
+
+    def train_state(self) -> dict[str, Any]:
+        p = self.pos
+        return {
+            "step": p.step,
+            "epoch": p.epoch,
+            "batch_in_epoch": p.batch,
+            "world_size": self.di.world_size,
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "nonfinite": self.nonfinite,
+            "rng_torch": torch.get_rng_state(),
+        }
+
+    def save(self) -> Path | None:
+        """Rank 0 writes; all ranks wait. A failed write stops the run with the previous intact."""
+        path = None
+        if self.di.is_main:
+            try:
+                ck = checkpoint.save(
+                    self.ckpt_dir, self.pos.step, self.method.state_tensors(), self.meta(), self.train_state()
+                )
+            except OSError as e:
+                raise TrainingHalted(
+                    f"cannot write a checkpoint in {self.ckpt_dir} ({e.strerror or e}); the previous "
+                    "checkpoint is intact — free space or fix the directory, then rerun to resume"
+                ) from None
+            every = self.cfg.ckpt.every_epochs
+            checkpoint.prune(
+                self.ckpt_dir,
+                self.cfg.ckpt.keep_last,
+                lambda m: m.get("position") == 0 and every > 0 and m.get("epoch", 0) % every == 0,
+            )
+            path = ck.weights
+        dist.barrier()
+        return path
+
+    def load(self, ck: checkpoint.CkptPaths) -> None:
+        tensors, _ = checkpoint.load_safetensors(ck.weights)
+        self.method.load_state_tensors({k: v.to(self.di.device) for k, v in tensors.items()})
+        st = checkpoint.load_train_state(ck.state)
+        self.opt.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.pos = Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]))
+        self.nonfinite = int(st.get("nonfinite", 0))
+        torch.set_rng_state(st["rng_torch"])
+        if int(st.get("world_size", self.di.world_size)) != self.di.world_size:
+            log.warn("resuming with a different number of processes: the rest of this epoch is re-sharded")
+
+    def restore(self) -> checkpoint.CkptPaths | None:
+        r = self.req.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            ck = checkpoint.newest_valid(
+                self.ckpt_dir, lambda c, why: log.warn(f"skipping checkpoint {c.weights.name}: {why}")
+            )
+        else:
+            ck = checkpoint.resolve(Path(r))
+        if ck is not None:
+            self.load(ck)
+            log.info(f"resumed from {ck.weights} (step {self.pos.step}, epoch {self.pos.epoch})")
+        return ck
+
+    # ----------------------------------------------------------------- training
+    def micro_step(self, v1: torch.Tensor, v2: torch.Tensor, last: bool) -> tuple[torch.Tensor, dict]:
+        dev = self.di.device
+        v1 = v1.to(dev, non_blocking=True)
+        v2 = v2.to(dev, non_blocking=True)
+        if dev.type == "cuda" and self.cfg.train.channels_last:
+            v1 = v1.contiguous(memory_format=torch.channels_last)
+            v2 = v2.contiguous(memory_format=torch.channels_last)
+        sync = contextlib.nullcontext() if last or not isinstance(self.online, DDP) else self.online.no_sync()
+        dtype = AMP_DTYPES[self.cfg.train.precision]
+        micro_index = self.pos.step * self.acc + (self.pos.batch % self.acc)
+        with sync:
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = self.method.step(self.online, v1, v2, micro_index)
+            self.scaler.scale(out.loss / self.acc).backward()
+        return out.loss.detach(), out.stats
+
+    def optimizer_step(self, finite: bool) -> None:
+        k = min(self.pos.step, self.total_steps - 1)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr[k]
+        if finite:
+            if self.cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.opt)
+                nn.utils.clip_grad_norm_(self.method.online.parameters(), self.cfg.optim.clip_grad)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.method.update_target(self.mom[k])
+        self.opt.zero_grad(set_to_none=True)
+        self.pos.step += 1
+
+    def _log(self, window: dict[str, Any], imgs_per_s: float) -> dict[str, float]:
+        n = max(window.pop("_n"), 1)
+        keys = sorted(window)
+        vals = dist.all_reduce_mean(torch.stack([window[k] for k in keys]).float() / n).tolist()
+        rec = dict(zip(keys, vals, strict=True))
+        k = min(self.pos.step - 1, self.total_steps - 1)
+        rec.update(
+            step=self.pos.step,
+            epoch=self.pos.epoch + self.pos.batch / max(self.req.loader.steps_per_epoch, 1),
+            lr=self.lr[k],
+            momentum=self.mom[k],
+            img_s=imgs_per_s,
+            loss_scale=float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0,
+        )
+        self.metrics.write(rec)
+        return rec
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> bool:
+        """Agree across ranks whether this step's loss is finite; halt after too many in a row."""
+        value = float(dist.all_reduce_mean(loss_sum).item())
+        if math.isfinite(value):
+            self.nonfinite = 0
+            return True
+        self.nonfinite += 1
+        log.warn(f"non-finite loss at step {self.pos.step} ({self.nonfinite} in a row): step skipped")
+        if self.nonfinite >= self.cfg.train.max_nonfinite:
+            raise TrainingHalted(
+                f"the loss was non-finite for {self.nonfinite} steps in a row (step {self.pos.step}); "
+                "the last good checkpoint is kept — lower optim.lr or use train.precision=bf16/fp32"
+            )
+        return False
+
+    def _epoch(self, stop_at: int, bar: Any, task: Any, flag: StopFlag) -> str | None:
+        """Train through the rest of the current epoch; returns a stop reason or None."""
+        loader, acc, cfg = self.req.loader, self.acc, self.cfg
+        micro_total = self.steps_per_epoch * acc
+        window: dict[str, Any] = {"_n": 0}
+        loss_sum = torch.zeros((), device=self.di.device)
+        t0, seen = time.perf_counter(), 0
+        it = loader.epoch(self.pos.epoch, start_batch=self.pos.batch)
+        for micro in range(self.pos.batch, micro_total):
+            v1, v2 = next(it)
+            last = (micro + 1) % acc == 0
+            loss, stats = self.micro_step(v1, v2, last)
+            loss_sum += loss / acc
+            for k, v in stats.items():
+                window[k] = window.get(k, 0) + v.detach().float() / acc
+            seen += v1.shape[0] * self.di.world_size
+            self.pos.batch = micro + 1
+            if not last:
+                continue
+            finite = self._check_finite(loss_sum)
+            self.optimizer_step(finite)
+            window["loss"] = window.get("loss", 0) + (loss_sum if finite else 0)
+            window["_n"] += 1
+            loss_sum = torch.zeros((), device=self.di.device)
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            if self.pos.step % cfg.train.log_every == 0 or self.pos.step >= stop_at:
+                rec = self._log(window, rate)
+                self.last_loss, self.rate = rec.get("loss", float("nan")), rate
+                window = {"_n": 0}
+                bar.update(task, stats=f"loss {self.last_loss:.4f}  {rate:.1f} img/s")
+            bar.update(task, completed=self.pos.step)
+            if flag.agreed():
+                return "signal"
+            if self.pos.step >= stop_at and micro + 1 < micro_total:
+                return "max_steps"
+            if cfg.ckpt.every_steps and self.pos.step % cfg.ckpt.every_steps == 0:
+                self.save()
+        self.pos.epoch += 1
+        self.pos.batch = 0
+        return None
+
+    def run(self) -> FitResult:
+        self.restore()
+        if self.di.is_main:
+            (self.req.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        stop_at = self.total_steps if not self.req.max_steps else min(self.total_steps, self.req.max_steps)
+        self.last_loss, self.rate = float("nan"), 0.0
+        self.method.train()
+        reason: str | None = None
+        saved: Path | None = None
+        with StopFlag() as flag, log.make_progress("pretrain") as bar:
+            task = bar.add_task("pretrain", total=stop_at, completed=self.pos.step, stats="")
+            while self.pos.step < stop_at and reason is None:
+                reason = self._epoch(stop_at, bar, task, flag)
+                if reason is None and self.pos.batch == 0:  # an epoch ended
+                    saved = self.save()
+            if reason is not None or saved is None or self._saved_step(saved) != self.pos.step:
+                saved = self.save()
+        self.metrics.close()
+        stopped = "done" if self.pos.step >= self.total_steps else (reason or "max_steps")
+        return FitResult(
+            self.pos.step, self.pos.epoch, stopped, saved, self.last_loss, self.rate, self.req.run_dir / "metrics.jsonl"
+        )
+
+    @staticmethod
+    def _saved_step(path: Path) -> int:
+        return int(path.name.split(".")[0].split("_")[1])
+
+
+def fit(req: FitRequest, di: dist.DistInfo) -> FitResult:
+    return Trainer(req, di).run()

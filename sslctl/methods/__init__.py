@@ -1,0 +1,25 @@
+"""Methods wire a backbone, projector, predictor and momentum target; the engine trains them.
+
+An explicit table (no registry): ``METHODS[name](cfg) -> SiameseMethod``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sslctl.config import Config
+from sslctl.methods.byol import BYOL
+from sslctl.methods.common import SiameseMethod
+from sslctl.methods.triplet import Triplet
+
+METHODS: dict[str, Callable[[Config], SiameseMethod]] = {
+    "triplet": Triplet,
+    "byol": BYOL,
+}
+
+
+def build_method(cfg: Config) -> SiameseMethod:
+    return METHODS[cfg.method.name](cfg)
+
+
+__all__ = ["METHODS", "SiameseMethod", "build_method"]

@@ -1,0 +1,105 @@
+"""Shared wiring of BYOL-style methods: online = backbone + projector (+ predictor), target = EMA copy."""
+
+from __future__ import annotations
+
+import abc
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslctl.backbones import build_backbone, feature_dim
+from sslctl.config import Config
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """SPEC §1: Linear(bias) → BN → ReLU → Linear(bias); no BN on the output."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+    )
+
+
+class Encoder(nn.Module):
+    """backbone → projector; the target network is a copy of this."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.backbone = build_backbone(m.arch, small_stem=m.small_stem)
+        self.projector = mlp(feature_dim(m.arch), m.proj_hidden, m.proj_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+class Online(nn.Module):
+    """The trained part (the only module DDP wraps): encoder + predictor."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.predictor = mlp(cfg.model.proj_dim, cfg.model.pred_hidden, cfg.model.proj_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction p, projection z), both n×proj_dim."""
+        z = self.encoder(x)
+        return self.predictor(z), z
+
+
+@dataclass
+class StepOut:
+    loss: torch.Tensor  # scalar, differentiable
+    stats: dict[str, torch.Tensor]  # detached scalars (d_ap, d_an, feat_std, …), synced only at log time
+
+
+class SiameseMethod(nn.Module, abc.ABC):
+    """online (trained, wrapped by the engine in DDP) + target (EMA, outside DDP and the optimizer)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.online = Online(cfg)
+        self.target = copy.deepcopy(self.online.encoder)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+
+    @abc.abstractmethod
+    def step(self, online: nn.Module, v1: torch.Tensor, v2: torch.Tensor, step: int) -> StepOut:
+        """The loss of one micro-step; ``online`` is ``self.online`` or its DDP wrapper."""
+
+    def target_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Target BN layers run in training mode (batch statistics), as in the reference.
+        with torch.no_grad():
+            return self.target(x).float()
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """θ_t ← m·θ_t + (1−m)·θ_o over parameters only, in one foreach call (no Python loop)."""
+        t = [p for p in self.target.parameters()]
+        o = [p.detach() for p in self.online.encoder.parameters()]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, o, alpha=1.0 - momentum)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint layout: online.backbone.*, online.projector.*, predictor.*, target.*."""
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self.online.encoder.state_dict().items():
+            out[f"online.{k}"] = v
+        for k, v in self.online.predictor.state_dict().items():
+            out[f"predictor.{k}"] = v
+        for k, v in self.target.state_dict().items():
+            out[f"target.{k}"] = v
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        groups = {"online.": self.online.encoder, "predictor.": self.online.predictor, "target.": self.target}
+        for prefix, module in groups.items():
+            sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            module.load_state_dict(sub, strict=True)
+
+
+def feature_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised projections: ≈1/√d when healthy, →0 on collapse."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()

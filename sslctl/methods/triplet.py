@@ -1,0 +1,58 @@
+"""Triplet (SPEC §1): BYOL wiring + truncated triplet loss + multi-resolution online/target inputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslctl import dist
+from sslctl.config import Config
+from sslctl.losses.triplet import truncated_triplet_loss
+from sslctl.methods.common import SiameseMethod, StepOut, feature_std
+
+
+def multires_sizes(cfg: Config, step: int) -> tuple[int, int]:
+    """(online side, target side) for this micro-step, uniform integers as in SPEC §1.
+
+    Seeded by (seed, step) so that every rank and a resumed run draw the same sizes.
+    """
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    m = cfg.method
+    s_o = int(torch.randint(m.online_res_min, m.online_res_max + 1, (1,), generator=g))
+    s_t = int(torch.randint(m.target_res_min, m.target_res_max + 1, (1,), generator=g))
+    return s_o, s_t
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+
+class Triplet(SiameseMethod):
+    def step(self, online: nn.Module, v1: torch.Tensor, v2: torch.Tensor, step: int) -> StepOut:
+        c = self.cfg
+        if c.method.multires:
+            s_o, s_t = multires_sizes(c, step)
+            o1, o2, t1, t2 = resize(v1, s_o), resize(v2, s_o), resize(v1, s_t), resize(v2, s_t)
+        else:
+            o1, o2, t1, t2 = v1, v2, v1, v2
+        p1, z1 = online(o1)
+        p2, _ = online(o2)
+        zt1, zt2 = self.target_forward(t1), self.target_forward(t2)
+        n = p1.shape[0]
+        pos = None
+        if c.loss.gather_negatives and dist.world_size() > 1:
+            # Explicit option (not the reference): negatives from every rank's micro-batch.
+            zt1, zt2 = dist.gather_varsize(zt1), dist.gather_varsize(zt2)
+            pos = torch.arange(n, device=p1.device) + dist.rank() * n
+        kw = dict(gamma=c.loss.gamma, margin=c.loss.margin, drop=c.loss.drop_nearest, keep=c.loss.keep)
+        a = truncated_triplet_loss(p1, zt2, pos, **kw)
+        b = truncated_triplet_loss(p2, zt1, pos, **kw)
+        stats = {
+            "d_ap": (a.d_ap + b.d_ap) / 2,
+            "d_an": (a.d_an + b.d_an) / 2,
+            "feat_std": feature_std(z1),
+        }
+        return StepOut(a.loss + b.loss, stats)

@@ -1,0 +1,107 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslctl import UserError, checkpoint
+
+
+def _save(d: Path, step: int, epoch: int = 0, position: int = 0) -> checkpoint.CkptPaths:
+    t = {"online.w": torch.full((4, 4), float(step)), "module.target.w": torch.ones(2)}
+    st = {"step": step, "epoch": epoch, "batch_in_epoch": position, "x": torch.arange(3)}
+    return checkpoint.save(d, step, t, {"method": "triplet"}, st)
+
+
+def test_save_verify_load(tmp_path):
+    ck = _save(tmp_path, 7)
+    assert checkpoint.verify(ck) == (True, "ok")
+    tensors, meta = checkpoint.load_safetensors(ck.weights)
+    assert set(tensors) == {"online.w", "target.w"}  # module. prefix stripped
+    assert meta["step"] == "7" and meta["format"] == checkpoint.FORMAT
+    st = checkpoint.load_train_state(ck.state)
+    assert st["step"] == 7 and torch.equal(st["x"], torch.arange(3))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_channels_last_tensor_saves(tmp_path):
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    ck = checkpoint.save(tmp_path, 1, {"w": x}, {}, {"step": 1})
+    assert torch.equal(checkpoint.load_safetensors(ck.weights)[0]["w"], x)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "flip", "no_manifest"])
+def test_damaged_newest_is_skipped(tmp_path, damage):
+    _save(tmp_path, 1)
+    ck2 = _save(tmp_path, 2)
+    data = bytearray(ck2.weights.read_bytes())
+    if damage == "truncate":
+        ck2.weights.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "zero":
+        ck2.weights.write_bytes(bytes(len(data)))
+    elif damage == "flip":
+        data[-3] ^= 0x10
+        ck2.weights.write_bytes(bytes(data))
+    else:
+        ck2.manifest.unlink()
+    skipped = []
+    found = checkpoint.newest_valid(tmp_path, lambda c, why: skipped.append((c.step, why)))
+    assert found is not None and found.step == 1
+    assert skipped and skipped[0][0] == 2
+
+
+def test_resolve_forms(tmp_path):
+    run = tmp_path / "run"
+    _save(run / "checkpoints", 3)
+    _save(run / "checkpoints", 5)
+    assert checkpoint.resolve(run).step == 5
+    assert checkpoint.resolve(run / "checkpoints").step == 5
+    assert checkpoint.resolve(run / "checkpoints" / "last").step == 5
+    assert checkpoint.resolve(run / "checkpoints" / "step_00000003.safetensors").step == 3
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        checkpoint.resolve(tmp_path)
+
+
+def test_prune_keeps_last_and_permanent(tmp_path):
+    for s in range(1, 8):
+        _save(tmp_path, s, epoch=s, position=0)
+    removed = checkpoint.prune(tmp_path, 2, lambda m: m["epoch"] % 3 == 0)
+    left = [c.step for c in checkpoint.list_checkpoints(tmp_path)]
+    assert left == [3, 6, 7] and sorted(removed) == [1, 2, 4, 5]
+    m = json.loads(checkpoint.CkptPaths.of(tmp_path, 7).manifest.read_text())
+    assert m["step"] == 7 and m["epoch"] == 7
+
+
+def test_prune_never_deletes_only_verified(tmp_path):
+    _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    bad.manifest.unlink()
+    checkpoint.prune(tmp_path, 1, lambda m: False)
+    assert checkpoint.newest_valid(tmp_path).step == 1
+
+
+def test_kill_during_atomic_write_leaves_no_partial_file(tmp_path):
+    """A process killed in the middle of a save leaves only a temp file, never a visible partial."""
+    target = tmp_path / "big.safetensors"
+    code = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from pathlib import Path
+        from sslctl import checkpoint
+        def write(tmp):
+            with open(tmp, "wb") as fh:
+                fh.write(b"x" * 1000)
+                fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.atomic_write(Path({str(target)!r}), write)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == -9
+    assert not target.exists()
+    assert os.listdir(tmp_path)  # the temp file stays behind, hidden and ignored
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in os.listdir(tmp_path))
