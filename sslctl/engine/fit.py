@@ -111,7 +111,7 @@ class Trainer:
         self.online: nn.Module = self.method.online
         if di.world_size > 1:
             ids = [di.device.index] if cuda else None
-            self.online = DDP(self.method.online, device_ids=ids, broadcast_buffers=True)
+            self.online = DDP(self.method.online, device_ids=ids, )
 
     # ----------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, str]:
@@ -272,7 +272,7 @@ class Trainer:
                 continue
             finite = self._check_finite(loss_sum)
             self.optimizer_step(finite)
-            window["loss"] = window.get("loss", 0) + (loss_sum if finite else 0)
+            window["loss"] = window.get("loss", 0) + loss_sum  # a skipped step makes the window NaN
             window["_n"] += 1
             loss_sum = torch.zeros((), device=self.di.device)
             rate = seen / max(time.perf_counter() - t0, 1e-9)

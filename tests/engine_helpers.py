@@ -1,0 +1,26 @@
+"""A deterministic in-memory loader with the data backends' interface, for engine tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class TensorLoader:
+    def __init__(self, n: int, batch_size: int, size: int = 16, seed: int = 0, rank: int = 0, world: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, size, size, generator=g)
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.steps_per_epoch = (n // world) // batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        order = torch.randperm(len(self.images), generator=g)
+        per_rank = len(order) // self.world
+        mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        for b in range(start_batch, self.steps_per_epoch):
+            idx = mine[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.images[idx]
+            # two "views": a flip and a brightness change, deterministic per sample
+            yield x.flip(-1), (x * 0.8 + 0.1)

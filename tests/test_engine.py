@@ -1,0 +1,144 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslctl import UserError, checkpoint, config, dist
+from sslctl.engine.fit import FitRequest, Trainer, fit
+from sslctl.log import read_jsonl
+from tests.engine_helpers import TensorLoader
+
+SMALL = [
+    "model.arch=resnet18",
+    "model.small_stem=true",
+    "model.proj_hidden=64",
+    "model.proj_dim=32",
+    "model.pred_hidden=64",
+    "method.online_res_min=12",
+    "method.online_res_max=16",
+    "method.target_res_min=14",
+    "method.target_res_max=16",
+    "train.batch_size=12",
+    "train.accumulate=2",
+    "train.precision=fp32",
+    "train.epochs=3",
+    "train.log_every=1",
+    "optim.lr=0.5",
+    "optim.warmup_epochs=1",
+    "ckpt.every_epochs=1",
+    "ckpt.keep_last=10",
+]
+
+CPU = dist.DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def small_cfg(*extra: str) -> config.Config:
+    return config.load("demo-cpu", SMALL + list(extra))
+
+
+def run(tmp: Path, cfg: config.Config, max_steps=None, resume="auto"):
+    torch.manual_seed(0)
+    loader = TensorLoader(48, cfg.train.batch_size)
+    return fit(FitRequest(cfg, tmp, loader, resume, max_steps), CPU)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load_safetensors(checkpoint.resolve(run_dir).weights)[0]
+
+
+def test_full_run_writes_checkpoints_and_metrics(tmp_path):
+    res = run(tmp_path, small_cfg())
+    assert res.stopped == "done" and res.step == 3 * 2 and res.epoch == 3
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for key in ("loss", "d_ap", "d_an", "lr", "momentum", "img_s", "feat_std"):
+        assert key in recs[0], key
+    assert recs[-1]["momentum"] > recs[0]["momentum"] >= 0.99
+    assert (tmp_path / "config.yaml").is_file()
+    steps = [c.step for c in checkpoint.list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [2, 4, 6]
+    meta = checkpoint.read_metadata(checkpoint.resolve(tmp_path).weights)
+    assert config.from_json(meta["config"]) == small_cfg()
+    assert meta["method"] == "triplet" and meta["arch"] == "resnet18"
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """N steps straight vs N/2 + resume + N/2 (mid-epoch split): identical weights."""
+    cfg = small_cfg("train.epochs=2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(a, cfg)
+    first = run(b, cfg, max_steps=3)  # stops mid-epoch 1 (2 steps per epoch)
+    assert first.stopped == "max_steps" and first.step == 3
+    second = run(b, cfg)
+    assert second.step == 4 and second.stopped == "done"
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_target_gets_no_grad_and_follows_online(tmp_path):
+    cfg = small_cfg()
+    t = Trainer(FitRequest(cfg, tmp_path, TensorLoader(48, 12), "none"), CPU)
+    assert all(not p.requires_grad for p in t.method.target.parameters())
+    assert all(id(p) not in {id(q) for g in t.opt.param_groups for q in g["params"]} for p in t.method.target.parameters())
+    before = [p.clone() for p in t.method.target.parameters()]
+    t.run()
+    tgt = list(t.method.target.parameters())
+    onl = list(t.method.online.encoder.parameters())
+    assert all(p.grad is None for p in tgt)
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, tgt, strict=True))
+    assert moved > len(tgt) // 2
+    # the target moved towards the online network, not away
+    d0 = sum((a - o).norm() for a, o in zip(before, onl, strict=True))
+    d1 = sum((a - o).norm() for a, o in zip(tgt, onl, strict=True))
+    assert d1 < d0
+
+
+def test_ema_update_formula():
+    cfg = small_cfg()
+    from sslctl.methods import build_method
+
+    m = build_method(cfg)
+    for p in m.online.encoder.parameters():
+        p.data.add_(1.0)
+    t0 = [p.clone() for p in m.target.parameters()]
+    o = [p.clone() for p in m.online.encoder.parameters()]
+    m.update_target(0.9)
+    for a, b, t in zip(t0, o, m.target.parameters(), strict=True):
+        assert torch.allclose(t, 0.9 * a + 0.1 * b, atol=1e-6)
+
+
+def test_byol_method_trains(tmp_path):
+    res = run(tmp_path, small_cfg("method.name=byol", "method.multires=false"))
+    assert res.step == 6 and torch.isfinite(torch.tensor(res.last_loss))
+
+
+def test_too_few_images_for_one_step(tmp_path):
+    cfg = small_cfg("train.accumulate=5")
+    with pytest.raises(UserError, match="one optimizer step needs 5 micro-batches"):
+        Trainer(FitRequest(cfg, tmp_path, TensorLoader(48, 12), "none"), CPU)
+
+
+def test_explicit_resume_without_checkpoint(tmp_path):
+    cfg = small_cfg()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        run(tmp_path / "r", cfg, resume=str(tmp_path / "empty"))
+
+
+def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = small_cfg("train.max_nonfinite=2", "train.epochs=3")
+    run(tmp_path, cfg, max_steps=2)
+    from sslctl.engine import fit as fit_mod
+
+    real = fit_mod.Trainer.micro_step
+
+    def poisoned(self, v1, v2, last):
+        loss, stats = real(self, v1, v2, last)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(fit_mod.Trainer, "micro_step", poisoned)
+    with pytest.raises(fit_mod.TrainingHalted, match="non-finite for 2 steps"):
+        run(tmp_path, cfg)
+    assert checkpoint.resolve(tmp_path).step == 2
