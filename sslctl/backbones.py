@@ -52,7 +52,9 @@ def build_backbone(arch: str, small_stem: bool = False) -> models.ResNet:
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     """(arch, small_stem) of a torchvision-named ResNet state dict, from its block counts."""
     if "conv1.weight" not in state or "layer4.0.conv1.weight" not in state:
-        raise UserError("no ResNet backbone found (expected keys conv1.weight, layer4.0.conv1.weight…)")
+        raise UserError(
+            "no ResNet backbone found (expected keys conv1.weight, layer4.0.conv1.weight…)"
+        )
     blocks = {
         i: len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)
     }
@@ -79,7 +81,9 @@ def load_backbone(state: dict[str, torch.Tensor], source: str) -> tuple[models.R
     try:
         missing, unexpected = net.load_state_dict(body, strict=False)
     except RuntimeError as e:
-        raise UserError(f"{source}: weights do not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
+        raise UserError(
+            f"{source}: weights do not fit {arch}: {str(e).splitlines()[-1].strip()}"
+        ) from None
     if missing or unexpected:
         raise UserError(
             f"{source}: weights do not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"

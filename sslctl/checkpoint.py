@@ -35,6 +35,15 @@ _NAME = re.compile(r"^step_(\d{8,})$")
 _STRIP = ("module.", "_orig_mod.")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temp files are 0600
+
+
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` anywhere in the key."""
     out = {}
@@ -63,6 +72,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -119,12 +129,17 @@ def save(
         "format": FORMAT,
         "step": step,
         "epoch": train_state.get("epoch"),
+        "position": train_state.get("batch_in_epoch"),
         "files": {
             paths.weights.name: sha256_file(paths.weights),
             paths.state.name: sha256_file(paths.state),
         },
     }
-    atomic_write(paths.manifest, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+    def write_manifest(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(manifest, indent=1))
+
+    atomic_write(paths.manifest, write_manifest)
     return paths
 
 
@@ -158,7 +173,9 @@ def list_checkpoints(directory: Path) -> list[CkptPaths]:
     return [CkptPaths.of(directory, s) for s in sorted(steps)]
 
 
-def newest_valid(directory: Path, on_skip: Callable[[CkptPaths, str], None] | None = None) -> CkptPaths | None:
+def newest_valid(
+    directory: Path, on_skip: Callable[[CkptPaths, str], None] | None = None
+) -> CkptPaths | None:
     for c in reversed(list_checkpoints(directory)):
         ok, why = verify(c)
         if ok:
@@ -180,12 +197,16 @@ def resolve(path: Path) -> CkptPaths:
     if path.is_dir():
         found = newest_valid(ckpt_dir_of(path))
         if found is None:
-            raise UserError(f"{path}: no valid checkpoint found (expected step_*.safetensors with manifest)")
+            raise UserError(
+                f"{path}: no valid checkpoint found (expected step_*.safetensors with manifest)"
+            )
         return found
     m = _NAME.match(path.name.split(".", 1)[0])
     if m and path.exists():
         return CkptPaths.of(path.parent, int(m.group(1)))
-    raise UserError(f"{path}: not an sslctl checkpoint (expected a step_*.safetensors file or a run directory)")
+    raise UserError(
+        f"{path}: not an sslctl checkpoint (expected a step_*.safetensors file or a run directory)"
+    )
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -196,7 +217,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise UserError(f"{path}: not a readable safetensors file ({_short(e)})") from None
 
 
-def load_safetensors(path: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(
+    path: Path, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors under ``prefix`` (stripped) and the metadata; header problems become UserError."""
     try:
         out: dict[str, torch.Tensor] = {}
@@ -224,7 +247,9 @@ def _short(e: BaseException) -> str:
     return (s[0] if s else e.__class__.__name__)[:200]
 
 
-def prune(directory: Path, keep_last: int, permanent: Callable[[dict[str, Any]], bool]) -> list[int]:
+def prune(
+    directory: Path, keep_last: int, permanent: Callable[[dict[str, Any]], bool]
+) -> list[int]:
     """Delete old rolling checkpoints, keeping the newest ``keep_last`` verified ones and every
     checkpoint whose manifest ``permanent`` approves. Never deletes the only verified copy."""
     ckpts = list_checkpoints(directory)

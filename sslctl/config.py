@@ -154,9 +154,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             pass
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
-        raise UserError(
-            f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise UserError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -170,7 +168,9 @@ def from_dict(raw: Any, source: str) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: a profile must be a YAML mapping of sections, got {type(raw).__name__}")
+        raise UserError(
+            f"{source}: a profile must be a YAML mapping of sections, got {type(raw).__name__}"
+        )
     top = _section_types(Config)
     kwargs: dict[str, Any] = {}
     for sec, body in raw.items():
@@ -210,8 +210,10 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.train.batch_size >= 1, "train.batch_size must be >= 1")
     need(cfg.train.accumulate >= 1, "train.accumulate must be >= 1")
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
-    need(0.0 < cfg.loss.gamma, "loss.gamma must be > 0")
-    need(cfg.loss.drop_nearest >= 0 and cfg.loss.keep >= 1, "loss.drop_nearest >= 0, loss.keep >= 1")
+    need(cfg.loss.gamma > 0.0, "loss.gamma must be > 0")
+    need(
+        cfg.loss.drop_nearest >= 0 and cfg.loss.keep >= 1, "loss.drop_nearest >= 0, loss.keep >= 1"
+    )
     need(0.0 <= cfg.method.base_momentum < 1.0, "method.base_momentum must be in [0, 1)")
     need(cfg.data.image_size >= 8, "data.image_size must be >= 8")
     need(0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]")
@@ -294,5 +296,3 @@ def from_json(text: str, source: str = "checkpoint") -> Config:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-

@@ -16,7 +16,9 @@ from tests.test_engine import small_cfg
 
 
 def main() -> None:
-    faulthandler.dump_traceback_later(int(os.environ.get("SSLCTL_TEST_WATCHDOG", "240")), exit=True)  # a hang shows its stacks instead of a timeout
+    faulthandler.dump_traceback_later(
+        int(os.environ.get("SSLCTL_TEST_WATCHDOG", "240")), exit=True
+    )  # a hang shows its stacks instead of a timeout
     out, extra = Path(sys.argv[1]), sys.argv[2:]
     di = dist.init("cpu")
     cfg = small_cfg(*extra)

@@ -8,13 +8,17 @@ import torch
 
 
 class TensorLoader:
-    def __init__(self, n: int, batch_size: int, size: int = 16, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, size: int = 16, seed: int = 0, rank: int = 0, world: int = 1
+    ):
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, 3, size, size, generator=g)
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.steps_per_epoch = (n // world) // batch_size
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = torch.randperm(len(self.images), generator=g)
         per_rank = len(order) // self.world

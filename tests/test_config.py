@@ -7,7 +7,14 @@ from sslctl import UserError, config
 
 def test_every_bundled_profile_loads_with_required_keys():
     names = config.list_profiles()
-    assert {"r50-3090x8", "r50-3090x8-ep200", "r50-12gx8", "r50-sysu30k", "demo-cpu", "byol-r50-3090x8"} <= set(names)
+    assert {
+        "r50-3090x8",
+        "r50-3090x8-ep200",
+        "r50-12gx8",
+        "r50-sysu30k",
+        "demo-cpu",
+        "byol-r50-3090x8",
+    } <= set(names)
     for n in names:
         cfg = config.load(n)
         assert cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1
@@ -18,13 +25,26 @@ def test_every_bundled_profile_loads_with_required_keys():
 def test_reference_profile_matches_spec():
     c = config.load("r50-3090x8")
     assert (c.train.batch_size, c.train.accumulate, c.train.epochs) == (196, 4, 1000)
-    assert (c.optim.lr, c.optim.weight_decay, c.optim.trust_coef, c.optim.warmup_epochs) == (4.8, 1e-6, 0.001, 10)
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.trust_coef, c.optim.warmup_epochs) == (
+        4.8,
+        1e-6,
+        0.001,
+        10,
+    )
     assert (c.loss.gamma, c.loss.margin, c.loss.drop_nearest, c.loss.keep) == (2.0, 100.0, 1, 9)
     assert c.method.base_momentum == 0.99 and c.train.precision == "fp16"
     assert (c.method.online_res_min, c.method.target_res_min) == (96, 128)
-    assert config.load("r50-12gx8").train.batch_size * config.load("r50-12gx8").train.accumulate * 8 == 4992
+    assert (
+        config.load("r50-12gx8").train.batch_size * config.load("r50-12gx8").train.accumulate * 8
+        == 4992
+    )
     s = config.load("r50-sysu30k")
-    assert (s.train.epochs, s.optim.warmup_epochs, s.ckpt.every_epochs, s.train.accumulate) == (10, 2, 1, 8)
+    assert (s.train.epochs, s.optim.warmup_epochs, s.ckpt.every_epochs, s.train.accumulate) == (
+        10,
+        2,
+        1,
+        8,
+    )
 
 
 def test_set_overrides_and_types():

@@ -81,7 +81,10 @@ def test_target_gets_no_grad_and_follows_online(tmp_path):
     cfg = small_cfg()
     t = Trainer(FitRequest(cfg, tmp_path, TensorLoader(48, 12), "none"), CPU)
     assert all(not p.requires_grad for p in t.method.target.parameters())
-    assert all(id(p) not in {id(q) for g in t.opt.param_groups for q in g["params"]} for p in t.method.target.parameters())
+    assert all(
+        id(p) not in {id(q) for g in t.opt.param_groups for q in g["params"]}
+        for p in t.method.target.parameters()
+    )
     before = [p.clone() for p in t.method.target.parameters()]
     t.run()
     tgt = list(t.method.target.parameters())

@@ -30,7 +30,9 @@ def check_run_dir(out: Path, fresh: bool) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
+        raise UserError(
+            f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory"
+        ) from None
     if fresh and checkpoint.list_checkpoints(out / "checkpoints"):
         raise UserError(
             f"--out {out} already holds checkpoints and --fresh refuses to overwrite them; "
@@ -45,7 +47,9 @@ def resolve_data(cfg: Config, data: Path | None) -> Path:
 
             return bundled_root() / "train"
         if not cfg.data.root:
-            raise UserError("--data is required: this profile names no data (give --data /path/to/train)")
+            raise UserError(
+                "--data is required: this profile names no data (give --data /path/to/train)"
+            )
         data = Path(cfg.data.root)
     if not data.is_dir():
         raise UserError(f"--data {data}: no such directory")

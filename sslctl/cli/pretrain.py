@@ -23,15 +23,28 @@ EXIT_PREEMPTED = 3
 
 @user_errors
 def command(
-    profile: Annotated[str, typer.Option(help="bundled profile name (see `sslctl profiles`) or a YAML file")],
-    out: Annotated[Path, typer.Option(help="run directory (config.yaml, metrics.jsonl, checkpoints/)")],
-    data: Annotated[Path | None, typer.Option(help="training images: ImageFolder root (or root of list_file)")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a config key: --set optim.lr=2.4 (repeatable)")
+    profile: Annotated[
+        str, typer.Option(help="bundled profile name (see `sslctl profiles`) or a YAML file")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="run directory (config.yaml, metrics.jsonl, checkpoints/)")
+    ],
+    data: Annotated[
+        Path | None, typer.Option(help="training images: ImageFolder root (or root of list_file)")
     ] = None,
-    resume: Annotated[str, typer.Option(help="auto (newest verified in --out), none, or a checkpoint path")] = "auto",
-    fresh: Annotated[bool, typer.Option(help="start from scratch; refuse if --out already holds checkpoints")] = False,
-    max_steps: Annotated[int | None, typer.Option(help="stop (and checkpoint) after N optimizer steps")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a config key: --set optim.lr=2.4 (repeatable)"),
+    ] = None,
+    resume: Annotated[
+        str, typer.Option(help="auto (newest verified in --out), none, or a checkpoint path")
+    ] = "auto",
+    fresh: Annotated[
+        bool, typer.Option(help="start from scratch; refuse if --out already holds checkpoints")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option(help="stop (and checkpoint) after N optimizer steps")
+    ] = None,
     nproc_per_node: Annotated[
         int, typer.Option(help="launch N processes with torchrun (DDP); 0 = this process only")
     ] = 0,

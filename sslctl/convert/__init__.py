@@ -1,1 +1,1 @@
-"""Weight formats: our checkpoints, extracted backbones, torchvision and reference .pth, detectron2."""
+"""Weight formats: our checkpoints, extracted backbones, torchvision/reference .pth, detectron2."""

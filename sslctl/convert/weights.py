@@ -6,22 +6,32 @@ Supported inputs:
 - extracted backbones (safetensors with torchvision key names);
 - plain torchvision state dicts (.pth/.pt), with or without ``fc.*``;
 - the reference implementation's mmcv-style .pth: ``{"state_dict": {"backbone.…": …}}``
-  (the same tensors also appear under ``online_net.0.``).
+  (the same tensors also appear under ``online_net.0.``; the target under ``target_net.0.``).
 Pickles are only ever read with ``weights_only=True``: a file that needs to execute code is refused.
 """
 
 from __future__ import annotations
 
 import pickle
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sslctl import UserError, checkpoint
 
 PARTS = ("online", "target")
+
+# Where the reference (mmcv/OpenSelfSup) and its relatives keep each part, most specific first.
+_PICKLE_PREFIXES = {
+    "online": ("backbone.", "online_net.0.", "module.backbone.", "module.encoder_q."),
+    "target": ("target_net.0.", "module.target_net.0.", "module.encoder_k."),
+}
+# mmcv and many training scripts nest the weights one level down.
+_CONTAINERS = ("state_dict", "model", "model_state")
 
 
 @dataclass(frozen=True)
@@ -32,8 +42,10 @@ class BackboneWeights:
 
 
 def _is_ours(path: Path) -> bool:
-    return path.is_dir() or (path.name == "last" and path.parent.is_dir()) or (
-        path.suffix == ".safetensors" and path.name.startswith("step_")
+    return (
+        path.is_dir()
+        or (path.name == "last" and path.parent.is_dir())
+        or (path.suffix == ".safetensors" and path.name.startswith("step_"))
     )
 
 
@@ -49,47 +61,100 @@ def read_backbone(path: Path, part: str = "online") -> BackboneWeights:
             raise UserError(f"{ck.weights}: no '{part}.backbone.*' tensors inside")
         return BackboneWeights(state, "sslctl-checkpoint", {**meta, "source": str(ck.weights)})
     if path.suffix == ".safetensors":
-        state, meta = checkpoint.load_safetensors(path)
-        if any(k.startswith(f"{part}.backbone.") for k in state):
-            state = {k[len(part) + 10 :]: v for k, v in state.items() if k.startswith(f"{part}.backbone.")}
-            return BackboneWeights(state, "sslctl-checkpoint", {**meta, "source": str(path)})
-        return BackboneWeights(_strip_fc(state), meta.get("format", "sslctl-backbone"), {**meta, "source": str(path)})
-    if part != "online":
-        raise UserError(f"{path}: --part {part} is only available for sslctl checkpoints")
-    return _read_pickle(path)
+        return _read_safetensors(path, part)
+    if path.suffix == ".pkl":
+        raise UserError(
+            f"{path}: a .pkl (detectron2 format) is an output of convert-detectron, not an input; "
+            "use the .safetensors or .pth it was made from"
+        )
+    return _read_pickle(path, part)
+
+
+def _read_safetensors(path: Path, part: str) -> BackboneWeights:
+    state, meta = checkpoint.load_safetensors(path)
+    prefix = f"{part}.backbone."
+    if any(k.startswith(prefix) for k in state):
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return BackboneWeights(sub, "sslctl-checkpoint", {**meta, "source": str(path)})
+    if part != "online" or any(k.startswith(("online.", "target.")) for k in state):
+        raise UserError(f"{path}: no '{prefix}*' tensors inside")
+    if not state:
+        raise UserError(f"{path}: no tensors inside")
+    kind = meta.get("format", "sslctl-backbone")
+    return BackboneWeights(_strip_fc(state), kind, {**meta, "source": str(path)})
 
 
 def _strip_fc(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def _read_pickle(path: Path) -> BackboneWeights:
-    """A .pth read with weights_only=True: plain torchvision or reference mmcv layout."""
+def _load_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with its failures turned into one clear line."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle with a PROTO opcode).
+        raise UserError(f"{path}: not a PyTorch weights file (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds more than tensors"
         raise UserError(
-            f"{path}: refused: the file needs to execute pickled code to load ({first[:160]}); "
-            "only plain tensor state dicts are read"
+            f"{path}: refused: a safe load (weights_only) cannot read it ({what}); only plain "
+            "tensor state dicts are read, never code stored in a file "
+            "(re-save with torch.save(model.state_dict()))"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{path}: not a readable PyTorch weights file ({msg[:160]})") from None
+    except Exception as e:  # a corrupt file surfaces as almost any error type (KeyError, EOFError…)
+        why = _first_line(str(e)) or e.__class__.__name__
+        raise UserError(f"{path}: not a readable PyTorch weights file ({why})") from None
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0][:160] if lines else ""
+
+
+def _read_pickle(path: Path, part: str) -> BackboneWeights:
+    """A .pth read with weights_only=True: plain torchvision or reference mmcv layout."""
+    obj = _load_pickle(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    meta = {"source": str(path)}
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        sd = obj["state_dict"]
-        for prefix in ("backbone.", "online_net.0.", "module.backbone.", "module.encoder_q."):
-            sub = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-            if sub:
-                return BackboneWeights(_tensors(_strip_fc(sub), path), "reference-mmcv", meta)
-        obj = sd
-    state = _tensors(checkpoint.strip_prefixes(obj), path)
+    meta = {"source": str(path), **_mmcv_meta(obj.get("meta"))}
+    sd = next((obj[k] for k in _CONTAINERS if isinstance(obj.get(k), dict)), obj)
+    for prefix in _PICKLE_PREFIXES[part]:
+        sub = {
+            k[len(prefix) :]: v
+            for k, v in sd.items()
+            if isinstance(k, str) and k.startswith(prefix)
+        }
+        if sub:
+            return BackboneWeights(_tensors(_strip_fc(sub), path), "reference-mmcv", meta)
+    if part != "online":
+        raise UserError(
+            f"{path}: no target network inside (looked for {', '.join(_PICKLE_PREFIXES[part])}); "
+            "--part target needs an sslctl checkpoint or a reference checkpoint with target_net.0.*"
+        )
+    state = _tensors(checkpoint.strip_prefixes(sd), path)
     if "conv1.weight" not in state:
-        raise UserError(f"{path}: no backbone inside (no conv1.weight, backbone.* or online_net.0.* keys)")
+        raise UserError(
+            f"{path}: no backbone inside (no conv1.weight, backbone.* or online_net.0.* keys)"
+        )
     return BackboneWeights(_strip_fc(state), "torchvision", meta)
+
+
+def _mmcv_meta(meta: object) -> dict[str, str]:
+    """mmcv's checkpoint ``meta`` records ``iter`` (optimizer steps) and ``epoch``."""
+    if not isinstance(meta, dict):
+        return {}
+    out = {}
+    if isinstance(meta.get("iter"), int):
+        out["step"] = str(meta["iter"])
+    if isinstance(meta.get("epoch"), int):
+        out["epoch"] = str(meta["epoch"])
+    return out
 
 
 def _tensors(d: dict, path: Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,9 @@ class TrainingHalted(UserError):
 class FitRequest:
     cfg: Config
     run_dir: Path
-    loader: Any  # data backend object: steps_per_epoch, epoch(e, start_batch) -> iterator of (v1, v2)
+    loader: (
+        Any  # data backend object: steps_per_epoch, epoch(e, start_batch) -> iterator of (v1, v2)
+    )
     resume: str = "auto"  # auto | none | a checkpoint path
     max_steps: int | None = None
     init_backbone: dict[str, torch.Tensor] | None = None  # init.weights, read by the caller
@@ -63,7 +65,13 @@ def build_optimizer(cfg: Config, online: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups_lars(online, cfg.optim.weight_decay)
     o = cfg.optim
     if o.name == "lars":
-        return LARS(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coef=o.trust_coef)
+        return LARS(
+            groups,
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            trust_coef=o.trust_coef,
+        )
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -94,7 +102,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.train.precision == "fp16")
         warm = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.lr = warmup_cosine(
-            cfg.optim.lr, self.total_steps, warm, cfg.optim.warmup_start_factor, cfg.optim.final_lr_factor
+            cfg.optim.lr,
+            self.total_steps,
+            warm,
+            cfg.optim.warmup_start_factor,
+            cfg.optim.final_lr_factor,
         ).tolist()
         self.mom = target_momentum(cfg.method.base_momentum, self.total_steps).tolist()
         self.pos = Position()
@@ -111,7 +123,10 @@ class Trainer:
         self.online: nn.Module = self.method.online
         if di.world_size > 1:
             ids = [di.device.index] if cuda else None
-            self.online = DDP(self.method.online, device_ids=ids, )
+            self.online = DDP(
+                self.method.online,
+                device_ids=ids,
+            )
 
     # ----------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, str]:
@@ -144,7 +159,11 @@ class Trainer:
         if self.di.is_main:
             try:
                 ck = checkpoint.save(
-                    self.ckpt_dir, self.pos.step, self.method.state_tensors(), self.meta(), self.train_state()
+                    self.ckpt_dir,
+                    self.pos.step,
+                    self.method.state_tensors(),
+                    self.meta(),
+                    self.train_state(),
                 )
             except OSError as e:
                 raise TrainingHalted(
@@ -171,7 +190,9 @@ class Trainer:
         self.nonfinite = int(st.get("nonfinite", 0))
         torch.set_rng_state(st["rng_torch"])
         if int(st.get("world_size", self.di.world_size)) != self.di.world_size:
-            log.warn("resuming with a different number of processes: the rest of this epoch is re-sharded")
+            log.warn(
+                "resuming with a different number of processes: the rest of this epoch is re-sharded"
+            )
 
     def restore(self) -> checkpoint.CkptPaths | None:
         r = self.req.resume
@@ -179,7 +200,8 @@ class Trainer:
             return None
         if r == "auto":
             ck = checkpoint.newest_valid(
-                self.ckpt_dir, lambda c, why: log.warn(f"skipping checkpoint {c.weights.name}: {why}")
+                self.ckpt_dir,
+                lambda c, why: log.warn(f"skipping checkpoint {c.weights.name}: {why}"),
             )
         else:
             ck = checkpoint.resolve(Path(r))
@@ -189,14 +211,20 @@ class Trainer:
         return ck
 
     # ----------------------------------------------------------------- training
-    def micro_step(self, v1: torch.Tensor, v2: torch.Tensor, last: bool) -> tuple[torch.Tensor, dict]:
+    def micro_step(
+        self, v1: torch.Tensor, v2: torch.Tensor, last: bool
+    ) -> tuple[torch.Tensor, dict]:
         dev = self.di.device
         v1 = v1.to(dev, non_blocking=True)
         v2 = v2.to(dev, non_blocking=True)
         if dev.type == "cuda" and self.cfg.train.channels_last:
             v1 = v1.contiguous(memory_format=torch.channels_last)
             v2 = v2.contiguous(memory_format=torch.channels_last)
-        sync = contextlib.nullcontext() if last or not isinstance(self.online, DDP) else self.online.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if last or not isinstance(self.online, DDP)
+            else self.online.no_sync()
+        )
         dtype = AMP_DTYPES[self.cfg.train.precision]
         micro_index = self.pos.step * self.acc + (self.pos.batch % self.acc)
         with sync:
@@ -243,7 +271,9 @@ class Trainer:
             self.nonfinite = 0
             return True
         self.nonfinite += 1
-        log.warn(f"non-finite loss at step {self.pos.step} ({self.nonfinite} in a row): step skipped")
+        log.warn(
+            f"non-finite loss at step {self.pos.step} ({self.nonfinite} in a row): step skipped"
+        )
         if self.nonfinite >= self.cfg.train.max_nonfinite:
             raise TrainingHalted(
                 f"the loss was non-finite for {self.nonfinite} steps in a row (step {self.pos.step}); "
@@ -296,7 +326,11 @@ class Trainer:
         self.restore()
         if self.di.is_main:
             (self.req.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        stop_at = self.total_steps if not self.req.max_steps else min(self.total_steps, self.req.max_steps)
+        stop_at = (
+            self.total_steps
+            if not self.req.max_steps
+            else min(self.total_steps, self.req.max_steps)
+        )
         self.last_loss, self.rate = float("nan"), 0.0
         self.method.train()
         reason: str | None = None
@@ -312,7 +346,13 @@ class Trainer:
         self.metrics.close()
         stopped = "done" if self.pos.step >= self.total_steps else (reason or "max_steps")
         return FitResult(
-            self.pos.step, self.pos.epoch, stopped, saved, self.last_loss, self.rate, self.req.run_dir / "metrics.jsonl"
+            self.pos.step,
+            self.pos.epoch,
+            stopped,
+            saved,
+            self.last_loss,
+            self.rate,
+            self.req.run_dir / "metrics.jsonl",
         )
 
     @staticmethod

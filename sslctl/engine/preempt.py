@@ -26,7 +26,9 @@ class StopFlag:
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.raised is None:
-            log.warn(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary")
+            log.warn(
+                f"received {signal.Signals(signum).name}: checkpointing at the next step boundary"
+            )
         self.raised = signum
 
     def __enter__(self) -> StopFlag:

@@ -17,7 +17,10 @@ from sslctl.config import Config
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """SPEC §1: Linear(bias) → BN → ReLU → Linear(bias); no BN on the output."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        nn.Linear(in_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim),
     )
 
 
@@ -51,7 +54,9 @@ class Online(nn.Module):
 @dataclass
 class StepOut:
     loss: torch.Tensor  # scalar, differentiable
-    stats: dict[str, torch.Tensor]  # detached scalars (d_ap, d_an, feat_std, …), synced only at log time
+    stats: dict[
+        str, torch.Tensor
+    ]  # detached scalars (d_ap, d_an, feat_std, …), synced only at log time
 
 
 class SiameseMethod(nn.Module, abc.ABC):
@@ -94,7 +99,11 @@ class SiameseMethod(nn.Module, abc.ABC):
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        groups = {"online.": self.online.encoder, "predictor.": self.online.predictor, "target.": self.target}
+        groups = {
+            "online.": self.online.encoder,
+            "predictor.": self.online.predictor,
+            "target.": self.target,
+        }
         for prefix, module in groups.items():
             sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             module.load_state_dict(sub, strict=True)

@@ -47,7 +47,9 @@ class Triplet(SiameseMethod):
             # Explicit option (not the reference): negatives from every rank's micro-batch.
             zt1, zt2 = dist.gather_varsize(zt1), dist.gather_varsize(zt2)
             pos = torch.arange(n, device=p1.device) + dist.rank() * n
-        kw = dict(gamma=c.loss.gamma, margin=c.loss.margin, drop=c.loss.drop_nearest, keep=c.loss.keep)
+        kw = dict(
+            gamma=c.loss.gamma, margin=c.loss.margin, drop=c.loss.drop_nearest, keep=c.loss.keep
+        )
         a = truncated_triplet_loss(p1, zt2, pos, **kw)
         b = truncated_triplet_loss(p2, zt1, pos, **kw)
         stats = {

@@ -1,0 +1,47 @@
+"""``sslctl convert-detectron``: a backbone as a detectron2 pickle, plus fine-tuning configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sslctl import api
+from sslctl.cli.common import out_console, user_errors
+
+HELP = (
+    "Convert a backbone to detectron2's .pkl, checked against its full ResNet parameter list; "
+    "--configs DIR adds self-contained COCO and VOC R50-C4 fine-tuning configs."
+)
+
+
+@user_errors
+def command(
+    source: Annotated[
+        Path, typer.Argument(help="extracted backbone, checkpoint file, run directory, or .pth")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="detectron2 weights to write (.pkl)")
+    ],
+    part: Annotated[
+        str, typer.Option(help="online or target network (sslctl checkpoints)")
+    ] = "online",
+    configs: Annotated[
+        Path | None, typer.Option(help="also write detectron2 configs and train_net.py here")
+    ] = None,
+) -> None:
+    r = api.convert_detectron(source, output, part, configs)
+    out_console.print(
+        f"wrote {r.output}: {r.arch} from {r.source} ({r.source_kind}); {r.tensors} tensors, "
+        f"exactly detectron2's {r.arch} backbone names, BN running statistics included "
+        f"({r.counters_dropped} num_batches_tracked dropped: detectron2 does not load them)",
+        soft_wrap=True,
+        markup=False,
+    )
+    for f in r.configs:
+        out_console.print(f"wrote {f}", soft_wrap=True, markup=False)
+    if r.commands:
+        out_console.print("fine-tune with (one line per benchmark):")
+        for c in r.commands:
+            out_console.print(f"  {c}", soft_wrap=True, markup=False)

@@ -1,0 +1,54 @@
+"""``sslctl extract``: the backbone of a checkpoint as torchvision-loadable weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sslctl import api
+from sslctl.cli.common import out_console, user_errors
+
+HELP = (
+    "Write a checkpoint's backbone with torchvision key names (no fc) as .safetensors or a .pth "
+    "state dict, load-checked in torchvision before it is written."
+)
+
+
+@user_errors
+def command(
+    source: Annotated[
+        Path,
+        typer.Argument(help="checkpoint file, run or checkpoints directory, .../last, or .pth"),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write")],
+    part: Annotated[
+        str, typer.Option(help="online or target network (sslctl checkpoints)")
+    ] = "online",
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="safetensors or torchvision (.pth); default: from the suffix"
+        ),
+    ] = None,
+) -> None:
+    r = api.extract(source, output, part, fmt)
+    stem = ", 3x3 small-image stem" if r.small_stem else ""
+    out_console.print(
+        f"wrote {r.output} ({r.format}): {r.arch} {r.part} backbone{stem}, method {r.method}, "
+        f"step {r.step}, from {r.source} ({r.source_kind}); {r.tensors} tensors, "
+        f"{r.parameters / 1e6:.2f}M parameters",
+        soft_wrap=True,
+        markup=False,
+    )
+    out_console.print(
+        f"checked: torchvision.models.{r.arch}() loads it with only "
+        f"{', '.join(r.missing_in_torchvision)} missing",
+        soft_wrap=True,
+        markup=False,
+    )
+    if r.counters_added:
+        out_console.print(
+            f"note: {r.counters_added} BN num_batches_tracked absent in the source, written as 0"
+        )

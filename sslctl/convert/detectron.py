@@ -1,0 +1,369 @@
+"""torchvision ResNet weights → a detectron2 backbone pickle (SPEC §5).
+
+Key map: keys outside ``layerN`` go under ``stem.``; ``layerN`` → ``res{N+1}``; ``bnK`` →
+``convK.norm``; ``downsample.0`` → ``shortcut``; ``downsample.1`` → ``shortcut.norm``.
+
+BN ``num_batches_tracked`` counters are dropped, as detectron2's own pycls import does
+(``DetectionCheckpointer._load_file``): its FrozenBatchNorm2d has no such buffer (they would be
+reported as unused keys), and ``nn.SyncBatchNorm`` fills an absent counter itself when loading a
+plain dict; the counter only matters for ``momentum=None``, which detectron2 never uses. The running
+mean and variance must be present: FrozenBatchNorm2d silently substitutes 0 and 1 for missing
+ones (``_load_from_state_dict``), which would quietly break a frozen backbone.
+
+The pickle references only ``numpy.ndarray`` and ``numpy.dtype``: NumPy 2 pickles arrays through
+``numpy._core.multiarray._reconstruct``, a module NumPy 1 does not have; rebuilding each array as
+an empty ``numpy.ndarray`` restored by its own ``__setstate__`` reads the same under both.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import pickle
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import yaml
+
+from sslctl import UserError, checkpoint
+
+AUTHOR = "sslctl"
+PICKLE_PROTOCOL = 4  # readable by every Python 3 that detectron2 supports
+# What the pickle may name, and so all an unpickler of it ever imports.
+PICKLE_GLOBALS = frozenset({("numpy", "ndarray"), ("numpy", "dtype")})
+
+# (bottleneck blocks?, blocks per stage): the layouts detectron2's ResNet builds by depth.
+LAYOUTS: dict[str, tuple[bool, tuple[int, int, int, int]]] = {
+    "resnet18": (False, (2, 2, 2, 2)),
+    "resnet34": (False, (3, 4, 6, 3)),
+    "resnet50": (True, (3, 4, 6, 3)),
+    "resnet101": (True, (3, 4, 23, 3)),
+}
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def detectron2_name(key: str) -> str:
+    """The detectron2 name of one torchvision backbone key (SPEC §5 map)."""
+    parts = key.split(".")
+    if parts[0].startswith("layer") and parts[0][5:].isdigit():
+        parts[0] = f"res{int(parts[0][5:]) + 1}"
+    else:
+        parts.insert(0, "stem")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p.startswith("bn") and p[2:].isdigit():
+            out += [f"conv{p[2:]}", "norm"]
+        elif p == "downsample" and i + 1 < len(parts) and parts[i + 1] in ("0", "1"):
+            out += ["shortcut"] if parts[i + 1] == "0" else ["shortcut", "norm"]
+            i += 1
+        else:
+            out.append(p)
+        i += 1
+    return ".".join(out)
+
+
+def expected_names(arch: str) -> list[str]:
+    """Every detectron2 backbone tensor name for ``arch``, built from its block counts alone."""
+    if arch not in LAYOUTS:
+        raise UserError(
+            f"detectron2 has no ResNet layout for '{arch}' (known: {', '.join(LAYOUTS)})"
+        )
+    bottleneck, blocks = LAYOUTS[arch]
+    convs = 3 if bottleneck else 2
+
+    def conv(prefix: str) -> list[str]:
+        return [f"{prefix}.weight"] + [f"{prefix}.norm.{t}" for t in _BN_TENSORS]
+
+    names = conv("stem.conv1")
+    for stage, n in enumerate(blocks, start=2):
+        for b in range(n):
+            # The first block changes the width (bottleneck: every stage; basic: res3 on, where
+            # it also halves the resolution), so it alone has a projection shortcut.
+            if b == 0 and (bottleneck or stage > 2):
+                names += conv(f"res{stage}.{b}.shortcut")
+            for c in range(1, convs + 1):
+                names += conv(f"res{stage}.{b}.conv{c}")
+    return names
+
+
+def to_detectron2(state: dict[str, torch.Tensor], arch: str, source: str) -> dict[str, np.ndarray]:
+    """Rename and convert: each tensor mapped once, the names exactly ``expected_names(arch)``."""
+    kept = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    renamed: dict[str, str] = {}
+    for k in kept:
+        new = detectron2_name(k)
+        if new in renamed:
+            raise UserError(f"{source}: {k} and {renamed[new]} would both become {new}")
+        renamed[new] = k
+    expected = expected_names(arch)
+    missing = [n for n in expected if n not in renamed]
+    extra = sorted(set(renamed) - set(expected))
+    if missing or extra:
+        raise UserError(
+            f"{source}: does not match detectron2's {arch} backbone: missing {_few(missing)}, "
+            f"unexpected {_few([renamed[n] for n in extra])}"
+        )
+    out = {}
+    for name in expected:
+        t = kept[renamed[name]].detach().cpu()
+        # detectron2 trains in float32; NumPy has no bfloat16.
+        out[name] = np.ascontiguousarray(t.float().numpy() if t.is_floating_point() else t.numpy())
+    return out
+
+
+def _few(keys: list[str]) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:3]) + (f" … ({len(keys)} in all)" if len(keys) > 3 else "")
+
+
+def _reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
+    # ndarray.__reduce__ gives (<_reconstruct in numpy._core or numpy.core>, args, state); keep
+    # its state (shape, dtype, order, raw bytes) and rebuild from an empty array instead.
+    state = a.__reduce__()[2]
+    return (np.ndarray, ((0,), a.dtype), state)
+
+
+class _PortablePickler(pickle.Pickler):
+    dispatch_table = {**copyreg.dispatch_table, np.ndarray: _reduce_ndarray}
+
+
+def dump(obj: Any, fh: BinaryIO) -> None:
+    """Pickle with arrays written so that NumPy 1.x and 2.x both read them."""
+    _PortablePickler(fh, protocol=PICKLE_PROTOCOL).dump(obj)
+
+
+class _AuditUnpickler(pickle.Unpickler):
+    """Reads back our own pickle, refusing any global outside PICKLE_GLOBALS."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load(data: bytes) -> Any:
+    return _AuditUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def write_pickle(output: Path, model: dict[str, np.ndarray]) -> None:
+    """Atomic write of detectron2's format; the bytes are read back and compared first."""
+    obj = {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            dump(obj, fh)
+        back = load(Path(tmp).read_bytes())["model"]
+        same = back.keys() == model.keys() and all(
+            back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in model.items()
+        )
+        if not same:
+            raise UserError(f"{output}: reads back different from what was written; disk problem?")
+
+    try:
+        checkpoint.atomic_write(output, _write)
+    except OSError as e:
+        raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
+
+
+# --------------------------------------------------------------------------- fine-tuning configs
+# SPEC §5: detectron2's R50-C4 with SyncBN in the backbone and the ROI head, nothing frozen,
+# torchvision's RGB normalisation (0–255 scale) and its stride-in-3×3 bottleneck.
+_COCO_SCALES = [640, 672, 704, 736, 768, 800, 832, 864, 880]  # 640–880 as the reference lists them
+_VOC_SCALES = [480, 512, 544, 576, 608, *_COCO_SCALES]  # 480–880
+
+
+def _config(weights: Path, depth: int, task: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "VERSION": 2,
+        "MODEL": {
+            "META_ARCHITECTURE": "GeneralizedRCNN",
+            "WEIGHTS": str(weights),
+            "MASK_ON": task["mask"],
+            "PIXEL_MEAN": [123.675, 116.28, 103.53],
+            "PIXEL_STD": [58.395, 57.12, 57.375],
+            "BACKBONE": {"NAME": "build_resnet_backbone", "FREEZE_AT": 0},
+            "RESNETS": {
+                "DEPTH": depth,
+                "NORM": "SyncBN",
+                "STRIDE_IN_1X1": False,
+                "OUT_FEATURES": ["res4"],
+            },
+            "RPN": {"IN_FEATURES": ["res4"], "PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
+            "ROI_HEADS": {
+                "NAME": "Res5ROIHeadsExtraNorm",
+                "IN_FEATURES": ["res4"],
+                "NUM_CLASSES": task["classes"],
+            },
+        },
+        "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": task["scales"], "MIN_SIZE_TEST": 800},
+        "DATASETS": {"TRAIN": task["train"], "TEST": task["test"]},
+        "SOLVER": {
+            "IMS_PER_BATCH": 16,
+            "BASE_LR": 0.02,
+            "STEPS": task["steps"],
+            "MAX_ITER": task["iters"],
+            "WARMUP_ITERS": task["warmup"],
+        },
+        "TEST": {"PRECISE_BN": {"ENABLED": True}},
+        "OUTPUT_DIR": task["output"],
+    }
+
+
+# file stem → what it trains; the numbers are SPEC §5 (schedules) and §2 (what to expect).
+TASKS: dict[str, dict[str, Any]] = {
+    "coco_R_50_C4_2x": {
+        "title": "COCO 2017 Mask R-CNN R50-C4, 2x schedule (180k iterations)",
+        "expect": "Triplet: AP box 41.7, AP mask 36.2 (supervised 40.0 / 34.7)",
+        "mask": True,
+        "classes": 80,
+        "scales": _COCO_SCALES,
+        "train": ["coco_2017_train"],
+        "test": ["coco_2017_val"],
+        "steps": [120000, 160000],
+        "iters": 180000,
+        "warmup": 1000,
+        "output": "output/coco_R_50_C4_2x",
+    },
+    "voc0712_R_50_C4_24k": {
+        "title": "PASCAL VOC07+12 Faster R-CNN R50-C4, 24k iterations",
+        "expect": "Triplet: AP50 82.6, AP 56.9, AP75 63.8 (mean of several runs; VOC is noisy)",
+        "mask": False,
+        "classes": 20,
+        "scales": _VOC_SCALES,
+        "train": ["voc_2007_trainval", "voc_2012_trainval"],
+        "test": ["voc_2007_test"],
+        "steps": [18000, 22000],
+        "iters": 24000,
+        "warmup": 100,
+        "output": "output/voc0712_R_50_C4_24k",
+    },
+}
+
+TRAIN_SCRIPT = "train_net.py"
+_DEPTHS = {"resnet50": 50, "resnet101": 101}  # R-C4's res5 ROI head is built of bottlenecks
+
+
+def train_command(directory: Path, stem: str, gpus: int = 8) -> str:
+    config = directory / f"{stem}.yaml"
+    return f"python {directory / TRAIN_SCRIPT} --config-file {config} --num-gpus {gpus}"
+
+
+def config_depth(arch: str) -> int:
+    """RESNETS.DEPTH for the R-C4 configs; R-18/34 have no bottleneck res5 for the ROI head."""
+    if arch not in _DEPTHS:
+        raise UserError(
+            f"--configs: detectron2's R-C4 models need a bottleneck ResNet ({', '.join(_DEPTHS)}); "
+            f"this backbone is {arch}. Convert without --configs and write your own config"
+        )
+    return _DEPTHS[arch]
+
+
+def write_configs(directory: Path, weights: Path, arch: str) -> list[Path]:
+    """The two self-contained YAML configs and the training script; returns the files written."""
+    depth = config_depth(arch)
+    directory = directory.resolve()
+    written = []
+    for stem, task in TASKS.items():
+        header = [
+            f"# {task['title']}.",
+            f"# Written by sslctl convert-detectron for {weights.name}; self-contained, no _BASE_.",
+            f"# The paper reports: {task['expect']}.",
+            f"# Run: {train_command(directory, stem)}",
+            "# (datasets under $DETECTRON2_DATASETS; SyncBN needs a distributed run of 2+ GPUs).",
+            "# The reference's own base config trained with BASE_LR 0.05, WarmupCosineLR and",
+            "# 10000 warm-up iterations; these follow detectron2's standard step schedule.",
+        ]
+        cfg = _config(weights.resolve(), depth, task)
+        text = (
+            "\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+        )
+        written.append(_write_text(directory / f"{stem}.yaml", text))
+    written.append(_write_text(directory / TRAIN_SCRIPT, _TRAIN_NET))
+    return written
+
+
+def _write_text(path: Path, text: str) -> Path:
+    def _write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    try:
+        checkpoint.atomic_write(path, _write)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    return path
+
+
+_TRAIN_NET = '''\
+"""Fine-tune detectron2 from a backbone converted by `sslctl convert-detectron`.
+
+Usage: python train_net.py --config-file coco_R_50_C4_2x.yaml --num-gpus 8 [KEY VALUE ...]
+The configs name ROI head "Res5ROIHeadsExtraNorm" (the R-C4 res5 head followed by one more
+normalisation layer, the detection protocol of MoCo and of the reference), registered here.
+"""
+
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.layers import get_norm
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
+
+
+@ROI_HEADS_REGISTRY.register()
+class Res5ROIHeadsExtraNorm(Res5ROIHeads):
+    @classmethod
+    def _build_res5_block(cls, cfg):
+        stage, channels = super()._build_res5_block(cfg)
+        stage.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, channels))
+        return stage, channels
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if "voc" in dataset_name:
+            return PascalVOCDetectionEvaluator(dataset_name)
+        folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=folder)
+
+
+def setup(args):
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+'''

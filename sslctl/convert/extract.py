@@ -1,0 +1,158 @@
+"""A backbone as torchvision expects it: key names, no fc, and proof that it loads.
+
+The written file is read back and loaded into a fresh torchvision ResNet of the matching depth
+before it replaces the output path, so a file that exists is a file that loads with only
+``fc.*`` missing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchvision import models
+
+from sslctl import UserError, checkpoint
+from sslctl.backbones import infer_arch
+
+FORMAT = "sslctl-backbone"
+FORMATS = ("safetensors", "torchvision")
+_SUFFIX_FORMAT = {".safetensors": "safetensors", ".pth": "torchvision", ".pt": "torchvision"}
+# The head torchvision's ResNet has and a backbone does not: the only keys allowed to be missing.
+HEAD_KEYS = ("fc.weight", "fc.bias")
+
+_TORCHVISION: dict[str, Callable[..., models.ResNet]] = {
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet50": models.resnet50,
+    "resnet101": models.resnet101,
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone state dict in torchvision order, complete except for the fc head."""
+
+    state: OrderedDict[str, torch.Tensor]
+    arch: str
+    small_stem: bool
+    counters_added: int  # BN num_batches_tracked buffers absent from the source, set to 0
+
+
+def torchvision_resnet(arch: str, small_stem: bool) -> models.ResNet:
+    """``torchvision.models.<arch>()`` with its fc head; the 3×3 small-image stem if asked."""
+    net = _TORCHVISION[arch](weights=None)
+    if small_stem:  # same module names as sslctl.backbones.build_backbone(small_stem=True)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()  # type: ignore[assignment]
+    return net
+
+
+def as_torchvision(state: dict[str, torch.Tensor], source: str) -> Backbone:
+    """Order ``state`` like torchvision and check it fills every non-fc key with the right shape.
+
+    BN's ``num_batches_tracked`` counters missing from old files are added as 0 (what PyTorch
+    itself assumes for such files); missing weights or running statistics are an error.
+    """
+    arch, small = infer_arch(state)
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
+        reference = torchvision_resnet(arch, small).state_dict()
+    body = {k: v for k, v in reference.items() if k not in HEAD_KEYS}
+    missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
+    extra = sorted(set(state) - set(body))
+    if missing or extra:
+        raise UserError(
+            f"{source}: not a complete {arch} backbone: missing {_few(missing)}, "
+            f"unexpected {_few(extra)}"
+        )
+    bad = [k for k in body if k in state and state[k].shape != body[k].shape]
+    if bad:
+        k = bad[0]
+        raise UserError(
+            f"{source}: {k} has shape {tuple(state[k].shape)}, {arch} needs "
+            f"{tuple(body[k].shape)} ({len(bad)} tensors differ)"
+        )
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    added = 0
+    for k, ref in body.items():
+        if k in state:
+            out[k] = state[k].detach().cpu().contiguous()
+        else:
+            out[k] = torch.zeros(ref.shape, dtype=ref.dtype)
+            added += 1
+    return Backbone(out, arch, small, added)
+
+
+def _few(keys: list[str]) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:3]) + (f" … ({len(keys)} in all)" if len(keys) > 3 else "")
+
+
+def check_loads(state: dict[str, torch.Tensor], arch: str, small_stem: bool, what: str) -> None:
+    """Load into a fresh torchvision ResNet; only ``fc.*`` may be missing, nothing unexpected."""
+    with torch.device("meta"):  # skip the random initialisation the load overwrites anyway
+        net = torchvision_resnet(arch, small_stem)
+    net = net.to_empty(device="cpu")
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{what}: does not load into torchvision {arch}: {_last(e)}") from None
+    if sorted(result.missing_keys) != sorted(HEAD_KEYS) or result.unexpected_keys:
+        raise UserError(
+            f"{what}: torchvision {arch} reports missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]} (expected only fc.* missing)"
+        )
+
+
+def _last(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else e.__class__.__name__
+
+
+def output_format(output: Path, fmt: str | None) -> str:
+    """The format asked for, or the one the output's suffix names; contradictions are errors."""
+    by_suffix = _SUFFIX_FORMAT.get(output.suffix.lower())
+    if fmt is None:
+        if by_suffix is None:
+            raise UserError(
+                f"{output}: cannot tell the format from the suffix; name it .safetensors or .pth, "
+                f"or pass --format ({'|'.join(FORMATS)})"
+            )
+        return by_suffix
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if by_suffix is not None and by_suffix != fmt:
+        raise UserError(
+            f"{output}: the suffix {output.suffix} says {by_suffix} but --format is {fmt}; "
+            "change one of them"
+        )
+    return fmt
+
+
+def write(output: Path, bb: Backbone, fmt: str, meta: dict[str, str]) -> None:
+    """Write atomically; the temp file is read back and load-checked before it is renamed."""
+
+    def _write(tmp: str) -> None:
+        if fmt == "safetensors":
+            save_file(dict(bb.state), tmp, metadata=meta)
+            back, _ = checkpoint.load_safetensors(Path(tmp))
+        else:
+            torch.save(bb.state, tmp)
+            back = torch.load(tmp, map_location="cpu", weights_only=True)
+        what = f"{output} (as written)"
+        if back.keys() != bb.state.keys() or any(
+            not torch.equal(back[k], v) for k, v in bb.state.items()
+        ):
+            raise UserError(f"{what}: reads back different from what was written; disk problem?")
+        check_loads(back, bb.arch, bb.small_stem, what)
+
+    try:
+        checkpoint.atomic_write(output, _write)
+    except OSError as e:
+        raise UserError(f"{output}: cannot write ({e.strerror or e})") from None

@@ -1,0 +1,501 @@
+"""convert-detectron: torchvision names → detectron2 pickle (SPEC §5), configs, bad inputs."""
+
+import importlib.util
+import io
+import pickle
+import pickletools
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torchvision import models
+from typer.testing import CliRunner
+
+from sslctl import UserError, api
+from sslctl.backbones import build_backbone
+from sslctl.cli.app import app
+from sslctl.convert import detectron as d2
+
+# detectron2 ResNet-50 backbone tensor names (265), pasted once from a torchvision → detectron2
+# rename of torchvision.models.resnet50() keys (fc and num_batches_tracked left out); not computed
+# by the code under test.
+GOLDEN_R50 = """
+stem.conv1.weight
+stem.conv1.norm.weight
+stem.conv1.norm.bias
+stem.conv1.norm.running_mean
+stem.conv1.norm.running_var
+res2.0.conv1.weight
+res2.0.conv1.norm.weight
+res2.0.conv1.norm.bias
+res2.0.conv1.norm.running_mean
+res2.0.conv1.norm.running_var
+res2.0.conv2.weight
+res2.0.conv2.norm.weight
+res2.0.conv2.norm.bias
+res2.0.conv2.norm.running_mean
+res2.0.conv2.norm.running_var
+res2.0.conv3.weight
+res2.0.conv3.norm.weight
+res2.0.conv3.norm.bias
+res2.0.conv3.norm.running_mean
+res2.0.conv3.norm.running_var
+res2.0.shortcut.weight
+res2.0.shortcut.norm.weight
+res2.0.shortcut.norm.bias
+res2.0.shortcut.norm.running_mean
+res2.0.shortcut.norm.running_var
+res2.1.conv1.weight
+res2.1.conv1.norm.weight
+res2.1.conv1.norm.bias
+res2.1.conv1.norm.running_mean
+res2.1.conv1.norm.running_var
+res2.1.conv2.weight
+res2.1.conv2.norm.weight
+res2.1.conv2.norm.bias
+res2.1.conv2.norm.running_mean
+res2.1.conv2.norm.running_var
+res2.1.conv3.weight
+res2.1.conv3.norm.weight
+res2.1.conv3.norm.bias
+res2.1.conv3.norm.running_mean
+res2.1.conv3.norm.running_var
+res2.2.conv1.weight
+res2.2.conv1.norm.weight
+res2.2.conv1.norm.bias
+res2.2.conv1.norm.running_mean
+res2.2.conv1.norm.running_var
+res2.2.conv2.weight
+res2.2.conv2.norm.weight
+res2.2.conv2.norm.bias
+res2.2.conv2.norm.running_mean
+res2.2.conv2.norm.running_var
+res2.2.conv3.weight
+res2.2.conv3.norm.weight
+res2.2.conv3.norm.bias
+res2.2.conv3.norm.running_mean
+res2.2.conv3.norm.running_var
+res3.0.conv1.weight
+res3.0.conv1.norm.weight
+res3.0.conv1.norm.bias
+res3.0.conv1.norm.running_mean
+res3.0.conv1.norm.running_var
+res3.0.conv2.weight
+res3.0.conv2.norm.weight
+res3.0.conv2.norm.bias
+res3.0.conv2.norm.running_mean
+res3.0.conv2.norm.running_var
+res3.0.conv3.weight
+res3.0.conv3.norm.weight
+res3.0.conv3.norm.bias
+res3.0.conv3.norm.running_mean
+res3.0.conv3.norm.running_var
+res3.0.shortcut.weight
+res3.0.shortcut.norm.weight
+res3.0.shortcut.norm.bias
+res3.0.shortcut.norm.running_mean
+res3.0.shortcut.norm.running_var
+res3.1.conv1.weight
+res3.1.conv1.norm.weight
+res3.1.conv1.norm.bias
+res3.1.conv1.norm.running_mean
+res3.1.conv1.norm.running_var
+res3.1.conv2.weight
+res3.1.conv2.norm.weight
+res3.1.conv2.norm.bias
+res3.1.conv2.norm.running_mean
+res3.1.conv2.norm.running_var
+res3.1.conv3.weight
+res3.1.conv3.norm.weight
+res3.1.conv3.norm.bias
+res3.1.conv3.norm.running_mean
+res3.1.conv3.norm.running_var
+res3.2.conv1.weight
+res3.2.conv1.norm.weight
+res3.2.conv1.norm.bias
+res3.2.conv1.norm.running_mean
+res3.2.conv1.norm.running_var
+res3.2.conv2.weight
+res3.2.conv2.norm.weight
+res3.2.conv2.norm.bias
+res3.2.conv2.norm.running_mean
+res3.2.conv2.norm.running_var
+res3.2.conv3.weight
+res3.2.conv3.norm.weight
+res3.2.conv3.norm.bias
+res3.2.conv3.norm.running_mean
+res3.2.conv3.norm.running_var
+res3.3.conv1.weight
+res3.3.conv1.norm.weight
+res3.3.conv1.norm.bias
+res3.3.conv1.norm.running_mean
+res3.3.conv1.norm.running_var
+res3.3.conv2.weight
+res3.3.conv2.norm.weight
+res3.3.conv2.norm.bias
+res3.3.conv2.norm.running_mean
+res3.3.conv2.norm.running_var
+res3.3.conv3.weight
+res3.3.conv3.norm.weight
+res3.3.conv3.norm.bias
+res3.3.conv3.norm.running_mean
+res3.3.conv3.norm.running_var
+res4.0.conv1.weight
+res4.0.conv1.norm.weight
+res4.0.conv1.norm.bias
+res4.0.conv1.norm.running_mean
+res4.0.conv1.norm.running_var
+res4.0.conv2.weight
+res4.0.conv2.norm.weight
+res4.0.conv2.norm.bias
+res4.0.conv2.norm.running_mean
+res4.0.conv2.norm.running_var
+res4.0.conv3.weight
+res4.0.conv3.norm.weight
+res4.0.conv3.norm.bias
+res4.0.conv3.norm.running_mean
+res4.0.conv3.norm.running_var
+res4.0.shortcut.weight
+res4.0.shortcut.norm.weight
+res4.0.shortcut.norm.bias
+res4.0.shortcut.norm.running_mean
+res4.0.shortcut.norm.running_var
+res4.1.conv1.weight
+res4.1.conv1.norm.weight
+res4.1.conv1.norm.bias
+res4.1.conv1.norm.running_mean
+res4.1.conv1.norm.running_var
+res4.1.conv2.weight
+res4.1.conv2.norm.weight
+res4.1.conv2.norm.bias
+res4.1.conv2.norm.running_mean
+res4.1.conv2.norm.running_var
+res4.1.conv3.weight
+res4.1.conv3.norm.weight
+res4.1.conv3.norm.bias
+res4.1.conv3.norm.running_mean
+res4.1.conv3.norm.running_var
+res4.2.conv1.weight
+res4.2.conv1.norm.weight
+res4.2.conv1.norm.bias
+res4.2.conv1.norm.running_mean
+res4.2.conv1.norm.running_var
+res4.2.conv2.weight
+res4.2.conv2.norm.weight
+res4.2.conv2.norm.bias
+res4.2.conv2.norm.running_mean
+res4.2.conv2.norm.running_var
+res4.2.conv3.weight
+res4.2.conv3.norm.weight
+res4.2.conv3.norm.bias
+res4.2.conv3.norm.running_mean
+res4.2.conv3.norm.running_var
+res4.3.conv1.weight
+res4.3.conv1.norm.weight
+res4.3.conv1.norm.bias
+res4.3.conv1.norm.running_mean
+res4.3.conv1.norm.running_var
+res4.3.conv2.weight
+res4.3.conv2.norm.weight
+res4.3.conv2.norm.bias
+res4.3.conv2.norm.running_mean
+res4.3.conv2.norm.running_var
+res4.3.conv3.weight
+res4.3.conv3.norm.weight
+res4.3.conv3.norm.bias
+res4.3.conv3.norm.running_mean
+res4.3.conv3.norm.running_var
+res4.4.conv1.weight
+res4.4.conv1.norm.weight
+res4.4.conv1.norm.bias
+res4.4.conv1.norm.running_mean
+res4.4.conv1.norm.running_var
+res4.4.conv2.weight
+res4.4.conv2.norm.weight
+res4.4.conv2.norm.bias
+res4.4.conv2.norm.running_mean
+res4.4.conv2.norm.running_var
+res4.4.conv3.weight
+res4.4.conv3.norm.weight
+res4.4.conv3.norm.bias
+res4.4.conv3.norm.running_mean
+res4.4.conv3.norm.running_var
+res4.5.conv1.weight
+res4.5.conv1.norm.weight
+res4.5.conv1.norm.bias
+res4.5.conv1.norm.running_mean
+res4.5.conv1.norm.running_var
+res4.5.conv2.weight
+res4.5.conv2.norm.weight
+res4.5.conv2.norm.bias
+res4.5.conv2.norm.running_mean
+res4.5.conv2.norm.running_var
+res4.5.conv3.weight
+res4.5.conv3.norm.weight
+res4.5.conv3.norm.bias
+res4.5.conv3.norm.running_mean
+res4.5.conv3.norm.running_var
+res5.0.conv1.weight
+res5.0.conv1.norm.weight
+res5.0.conv1.norm.bias
+res5.0.conv1.norm.running_mean
+res5.0.conv1.norm.running_var
+res5.0.conv2.weight
+res5.0.conv2.norm.weight
+res5.0.conv2.norm.bias
+res5.0.conv2.norm.running_mean
+res5.0.conv2.norm.running_var
+res5.0.conv3.weight
+res5.0.conv3.norm.weight
+res5.0.conv3.norm.bias
+res5.0.conv3.norm.running_mean
+res5.0.conv3.norm.running_var
+res5.0.shortcut.weight
+res5.0.shortcut.norm.weight
+res5.0.shortcut.norm.bias
+res5.0.shortcut.norm.running_mean
+res5.0.shortcut.norm.running_var
+res5.1.conv1.weight
+res5.1.conv1.norm.weight
+res5.1.conv1.norm.bias
+res5.1.conv1.norm.running_mean
+res5.1.conv1.norm.running_var
+res5.1.conv2.weight
+res5.1.conv2.norm.weight
+res5.1.conv2.norm.bias
+res5.1.conv2.norm.running_mean
+res5.1.conv2.norm.running_var
+res5.1.conv3.weight
+res5.1.conv3.norm.weight
+res5.1.conv3.norm.bias
+res5.1.conv3.norm.running_mean
+res5.1.conv3.norm.running_var
+res5.2.conv1.weight
+res5.2.conv1.norm.weight
+res5.2.conv1.norm.bias
+res5.2.conv1.norm.running_mean
+res5.2.conv1.norm.running_var
+res5.2.conv2.weight
+res5.2.conv2.norm.weight
+res5.2.conv2.norm.bias
+res5.2.conv2.norm.running_mean
+res5.2.conv2.norm.running_var
+res5.2.conv3.weight
+res5.2.conv3.norm.weight
+res5.2.conv3.norm.bias
+res5.2.conv3.norm.running_mean
+res5.2.conv3.norm.running_var
+""".split()  # noqa: SIM905 - one name per line reads as the data it is
+
+
+def _tv_name(d2_name: str) -> str:
+    """The inverse map, written independently of sslctl: detectron2 name → torchvision name."""
+    name = d2_name.removeprefix("stem.")
+    name = re.sub(r"^res(\d)", lambda m: f"layer{int(m.group(1)) - 1}", name)
+    name = name.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
+    return re.sub(r"conv(\d)\.norm", r"bn\1", name)
+
+
+def _random_r50(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet-50 state dict with non-trivial BN running statistics."""
+    torch.manual_seed(seed)
+    sd = models.resnet50().state_dict()
+    for k, v in sd.items():
+        if k.endswith("running_mean"):
+            v.normal_()
+        elif k.endswith("running_var"):
+            v.uniform_(0.5, 2.0)
+        elif k.endswith("num_batches_tracked"):
+            v.fill_(1234)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def r50(tmp_path_factory):
+    d = tmp_path_factory.mktemp("r50")
+    sd = _random_r50()
+    torch.save(sd, d / "tv.pth")
+    api.extract(d / "tv.pth", d / "r50_backbone.safetensors")
+    res = api.convert_detectron(d / "r50_backbone.safetensors", d / "r50_d2.pkl", configs=d / "cfg")
+    return d, sd, res
+
+
+def test_golden_list_is_what_the_code_expects():
+    assert len(GOLDEN_R50) == len(set(GOLDEN_R50)) == 265
+    assert sorted(d2.expected_names("resnet50")) == sorted(GOLDEN_R50)
+
+
+def test_key_map_examples():
+    cases = {
+        "conv1.weight": "stem.conv1.weight",
+        "bn1.running_var": "stem.conv1.norm.running_var",
+        "layer1.0.downsample.0.weight": "res2.0.shortcut.weight",
+        "layer3.0.downsample.1.running_mean": "res4.0.shortcut.norm.running_mean",
+        "layer4.2.bn3.bias": "res5.2.conv3.norm.bias",
+        "layer2.1.conv2.weight": "res3.1.conv2.weight",
+    }
+    assert {k: d2.detectron2_name(k) for k in cases} == cases
+
+
+def test_r50_pickle_exact_and_equal(r50):
+    d, sd, res = r50
+    data = (d / "r50_d2.pkl").read_bytes()
+    obj = pickle.loads(data, encoding="latin1")
+    assert set(obj) == {"model", "__author__", "matching_heuristics"}
+    assert obj["__author__"] == "sslctl" and obj["matching_heuristics"] is True
+    model = obj["model"]
+    assert sorted(model) == sorted(GOLDEN_R50) and res.tensors == 265
+    for name, arr in model.items():
+        assert isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.flags.writeable
+        assert np.array_equal(arr, sd[_tv_name(name)].numpy()), name
+    # BN running statistics travel (they are not the init values 0 and 1).
+    assert np.abs(model["res5.2.conv3.norm.running_mean"]).sum() > 0
+    assert not np.allclose(model["stem.conv1.norm.running_var"], 1.0)
+    assert res.counters_dropped == 53
+
+
+def test_pickle_references_no_numpy_core(r50):
+    d, _, _ = r50
+    data = (d / "r50_d2.pkl").read_bytes()
+    strings = {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+    assert not any("numpy._core" in s or "numpy.core" in s for s in strings)
+    assert {s for s in strings if "numpy" in s} == {"numpy"}
+    globals_seen = []
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            globals_seen.append((module, name))
+            return super().find_class(module, name)
+
+    back = Recorder(io.BytesIO(data), encoding="latin1").load()["model"]
+    assert set(globals_seen) == {("numpy", "ndarray"), ("numpy", "dtype")}
+    assert back["res4.5.conv2.weight"].shape == (256, 256, 3, 3)
+
+
+def test_r18_conversion(tmp_path):
+    torch.save(models.resnet18().state_dict(), tmp_path / "r18.pth")
+    res = api.convert_detectron(tmp_path / "r18.pth", tmp_path / "r18.pkl")
+    model = pickle.loads((tmp_path / "r18.pkl").read_bytes())["model"]
+    # 5 (stem) + 8 blocks × 2 convs × 5 + 3 projection shortcuts (res3–res5) × 5; no res2 shortcut.
+    assert res.tensors == len(model) == 100 and res.arch == "resnet18"
+    assert "res3.0.shortcut.weight" in model and "res2.0.shortcut.weight" not in model
+
+
+def test_configs(r50):
+    d, _, res = r50
+    cfg_dir = (d / "cfg").resolve()
+    names = sorted(p.name for p in cfg_dir.iterdir())
+    assert names == ["coco_R_50_C4_2x.yaml", "train_net.py", "voc0712_R_50_C4_24k.yaml"]
+    coco = yaml.safe_load((cfg_dir / "coco_R_50_C4_2x.yaml").read_text())
+    voc = yaml.safe_load((cfg_dir / "voc0712_R_50_C4_24k.yaml").read_text())
+    for c in (coco, voc):
+        assert "_BASE_" not in c and c["MODEL"]["WEIGHTS"] == str((d / "r50_d2.pkl").resolve())
+        m = c["MODEL"]
+        assert m["BACKBONE"]["FREEZE_AT"] == 0 and m["RESNETS"]["NORM"] == "SyncBN"
+        assert m["RESNETS"]["STRIDE_IN_1X1"] is False and m["RESNETS"]["DEPTH"] == 50
+        assert m["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
+        assert m["PIXEL_MEAN"] == [123.675, 116.28, 103.53]
+        assert m["PIXEL_STD"] == [58.395, 57.12, 57.375]
+        assert c["INPUT"]["FORMAT"] == "RGB" and c["TEST"]["PRECISE_BN"]["ENABLED"] is True
+        assert c["SOLVER"]["IMS_PER_BATCH"] == 16 and max(c["INPUT"]["MIN_SIZE_TRAIN"]) == 880
+    assert coco["MODEL"]["MASK_ON"] is True and coco["SOLVER"]["MAX_ITER"] == 180000
+    assert (
+        coco["SOLVER"]["STEPS"] == [120000, 160000] and min(coco["INPUT"]["MIN_SIZE_TRAIN"]) == 640
+    )
+    assert coco["DATASETS"] == {"TRAIN": ["coco_2017_train"], "TEST": ["coco_2017_val"]}
+    assert voc["MODEL"]["MASK_ON"] is False and voc["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 20
+    assert voc["SOLVER"]["MAX_ITER"] == 24000 and min(voc["INPUT"]["MIN_SIZE_TRAIN"]) == 480
+    assert voc["DATASETS"]["TRAIN"] == ["voc_2007_trainval", "voc_2012_trainval"]
+    assert voc["DATASETS"]["TEST"] == ["voc_2007_test"]
+    compile((cfg_dir / "train_net.py").read_text(), "train_net.py", "exec")
+    assert len(res.commands) == 2 and all(str(cfg_dir / "train_net.py") in c for c in res.commands)
+    assert any("coco_R_50_C4_2x.yaml" in c for c in res.commands)
+
+
+def test_bad_inputs(tmp_path):
+    sd = models.resnet50().state_dict()
+    no_stats = {k: v for k, v in sd.items() if k != "layer2.1.bn2.running_var"}
+    torch.save(no_stats, tmp_path / "no_stats.pth")
+    small = build_backbone("resnet18", small_stem=True).state_dict()
+    torch.save(small, tmp_path / "small.pth")
+    torch.save(models.resnet18().state_dict(), tmp_path / "r18.pth")
+    torch.save(sd, tmp_path / "r50.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    cases = [
+        ("no_stats.pth", "o.pkl", {}, "layer2.1.bn2.running_var"),
+        ("small.pth", "o.pkl", {}, "small-image stem"),
+        ("r18.pth", "o.pkl", {"configs": tmp_path / "cfg"}, "bottleneck"),
+        ("r50.pth", "o.pth", {}, r"\.pkl"),
+        ("junk.safetensors", "o.pkl", {}, "not a readable safetensors"),
+    ]
+    for src, out, kw, pattern in cases:
+        with pytest.raises(UserError, match=pattern):
+            api.convert_detectron(tmp_path / src, tmp_path / out, **kw)
+    assert not (tmp_path / "cfg").exists()
+    assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    torch.save(models.resnet18().state_dict(), tmp_path / "r18.pth")
+
+    def half_then_fail(obj, fh):
+        fh.write(b"\x80\x04partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(d2, "dump", half_then_fail)
+    with pytest.raises(UserError, match="cannot write.*No space left"):
+        api.convert_detectron(tmp_path / "r18.pth", tmp_path / "o.pkl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pth"]
+
+
+def test_cli(r50, tmp_path):
+    d, _, _ = r50
+    runner = CliRunner()
+    src = d / "r50_backbone.safetensors"
+    args = [
+        "convert-detectron",
+        str(src),
+        "-o",
+        str(tmp_path / "x.pkl"),
+        "--configs",
+        str(tmp_path / "c"),
+    ]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "265 tensors" in ok.output and "train_net.py --config-file" in ok.output
+    (tmp_path / "bad.pth").write_text("no")
+    bad = runner.invoke(
+        app, ["convert-detectron", str(tmp_path / "bad.pth"), "-o", str(tmp_path / "y.pkl")]
+    )
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "y.pkl").exists()
+
+
+def test_detectron2_loads_it(r50):
+    pytest.importorskip("detectron2")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    d, sd, _ = r50
+    spec = importlib.util.spec_from_file_location("sslctl_train_net", d / "cfg" / "train_net.py")
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers the ROI head
+    cfg = get_cfg()
+    cfg.merge_from_file(str(d / "cfg" / "coco_R_50_C4_2x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    ck = DetectionCheckpointer(model)
+    incompatible = ck._load_model(ck._load_file(str(d / "r50_d2.pkl")))
+    backbone_missing = [
+        k
+        for k in incompatible.missing_keys
+        if k.startswith(("backbone.", "roi_heads.res5."))
+        and not k.startswith("roi_heads.res5.norm.")  # the extra head norm is new, by design
+        and not k.endswith("num_batches_tracked")
+    ]
+    assert backbone_missing == [] and incompatible.unexpected_keys == []
+    got = model.state_dict()["backbone.res4.3.conv2.norm.running_mean"].numpy()
+    assert np.array_equal(got, sd["layer3.3.bn2.running_mean"].numpy())
