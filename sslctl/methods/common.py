@@ -84,8 +84,7 @@ class SiameseMethod(nn.Module, abc.ABC):
         """θ_t ← m·θ_t + (1−m)·θ_o over parameters only, in one foreach call (no Python loop)."""
         t = [p for p in self.target.parameters()]
         o = [p.detach() for p in self.online.encoder.parameters()]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, o, alpha=1.0 - momentum)
+        torch._foreach_lerp_(t, o, 1.0 - momentum)  # one pass: t + (1−m)(o − t)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Checkpoint layout: online.backbone.*, online.projector.*, predictor.*, target.*."""

@@ -1,0 +1,1 @@
+"""Training engine: the fit loop, the LARS optimizer and the per-step schedules."""

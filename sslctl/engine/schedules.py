@@ -1,0 +1,61 @@
+"""Per-step schedules: float64 tensors indexed by the global optimizer step (0-based).
+
+Precomputing the whole curve (as DINO does) makes resume trivial: the step is the state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sslctl import UserError
+
+
+def warmup_cosine(
+    base: float,
+    total_steps: int,
+    warmup_steps: int,
+    start_factor: float = 1e-4,
+    final_factor: float = 0.0,
+) -> torch.Tensor:
+    """Linear warm-up, then half a cosine; a float64 tensor of length ``total_steps``.
+
+    Steps 0 … W−1 (W = ``warmup_steps``) rise linearly from ``start_factor·base``, reaching
+    ``base`` at step W; steps W … K−1 follow a cosine from ``base`` to ``final_factor·base``,
+    which the last step K−1 takes exactly. When the cosine part has a single step (K = W + 1)
+    that step is ``base``. SPEC §1: warm-up from 1e-4·lr over 10 epochs, cosine to 0.
+
+    (The reference's mmcv scheduler runs its cosine over all K steps, warm-up included, and
+    multiplies the warm-up onto it, so it ends warm-up at cos-annealed ≈ 0.994·base for 10
+    of 200 epochs and stops one step short of the final value; the difference is negligible.)
+    """
+    if total_steps < 1:
+        raise UserError(f"a schedule needs at least one optimizer step, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise UserError(
+            f"warm-up of {warmup_steps} steps does not fit a run of {total_steps} steps; "
+            "lower the warm-up epochs or raise train.epochs"
+        )
+    warm = torch.arange(warmup_steps, dtype=torch.float64) / max(warmup_steps, 1)
+    warm = base * (start_factor + (1.0 - start_factor) * warm)
+    n_cos = total_steps - warmup_steps
+    t = torch.arange(n_cos, dtype=torch.float64) / max(n_cos - 1, 1)
+    final = final_factor * base
+    cos = final + (base - final) * 0.5 * (1.0 + torch.cos(math.pi * t))
+    return torch.cat([warm, cos])
+
+
+def target_momentum(m0: float, total_steps: int) -> torch.Tensor:
+    """BYOL's target EMA momentum per step: m(k) = 1 − (1 − m0)·(cos(πk/K) + 1)/2.
+
+    k = 0 … K−1 with K = ``total_steps``; float64 tensor of length K. m(0) = m0 and m rises
+    along a cosine towards 1. As in the reference (k/K, not k/(K−1)), the last value
+    1 − (1 − m0)·(1 − cos(π/K))/2 stays just below 1, so the last update still moves the target.
+    """
+    if total_steps < 1:
+        raise UserError(f"a schedule needs at least one optimizer step, got {total_steps}")
+    if not 0.0 <= m0 <= 1.0:
+        raise UserError(f"target momentum must be in [0, 1], got {m0}")
+    k = torch.arange(total_steps, dtype=torch.float64)
+    return 1.0 - (1.0 - m0) * 0.5 * (torch.cos(math.pi * k / total_steps) + 1.0)
