@@ -4,6 +4,10 @@ A profile is a YAML mapping of sections (``model``, ``method``, ``loss``, ``opti
 ``data``, ``ckpt``, ``init``, ``eval``) to flat ``key: value`` mappings: one level, no includes, no
 inheritance. Unknown keys and wrong types are errors that name the key and the file.
 ``--set section.key=value`` overrides a value (parsed as YAML). Derived values are computed in code.
+
+A top-level ``kind`` says what a profile configures: ``pretrain`` (the default, loaded by
+``load`` into ``Config``) or ``linear-eval`` (sections ``linear``, ``data``, ``cached``, ``knn``,
+loaded by ``load_linear`` into ``LinearConfig``). Each loader refuses the other kind.
 """
 
 from __future__ import annotations
@@ -134,12 +138,78 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+# ----------------------------------------------------------------- linear evaluation (kind: linear-eval)
+@dataclass(frozen=True)
+class LinearCfg:
+    """SPEC §3, the standard protocol: a linear head on the frozen backbone's pooled features."""
+
+    epochs: int = 100
+    batch_size: int = 256  # global: split evenly over the processes
+    lr: float = 0.04  # 0.04 after long pre-training, 0.15 after short (SPEC §3)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 10.0
+    warmup_start_factor: float = 1e-4
+    final_lr_factor: float = 0.0
+    precision: str = "fp16"  # autocast of the backbone's forward; the head trains in fp32
+    seed: int = 0
+    log_every: int = 50  # optimizer steps between metrics records
+
+
+@dataclass(frozen=True)
+class LinearDataCfg:
+    image_size: int = 224  # train: RandomResizedCrop(image_size) + flip; val: CenterCrop
+    resize: int = 256  # val: shorter side resized to this before the centre crop
+    crop_scale_min: float = 0.08  # RandomResizedCrop scale (crop_scale_min, 1)
+    workers: int = 8  # decoding processes per rank
+    eval_batch_size: int = 256  # images per forward pass and process (validation, features)
+
+
+@dataclass(frozen=True)
+class CachedCfg:
+    """The fast proxy (--protocol cached): centre-crop features extracted once, head on them."""
+
+    epochs: int = 100
+    batch_size: int = 1024
+    lr: float = 0.1  # on standardised features (zero mean, unit variance per dimension)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 5.0
+    cache_dir: str = ""  # "" = RUN/cache; a shared folder lets runs re-use each other's features
+
+
+@dataclass(frozen=True)
+class KnnCfg:
+    k: int = 20
+    temperature: float = 0.07
+    chunk: int = 1024  # queries per similarity block (memory ~ chunk × train images × 4 bytes)
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    kind: str = "linear-eval"
+    description: str = ""
+    linear: LinearCfg = field(default_factory=LinearCfg)
+    data: LinearDataCfg = field(default_factory=LinearDataCfg)
+    cached: CachedCfg = field(default_factory=CachedCfg)
+    knn: KnnCfg = field(default_factory=KnnCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+KINDS = ("pretrain", "linear-eval")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("triplet", "byol"),
     "optim.name": ("lars", "sgd"),
     "train.precision": ("fp16", "bf16", "fp32"),
     "data.backend": ("auto", "torchvision", "dali"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "linear.precision": ("fp16", "bf16", "fp32"),
 }
 
 
@@ -163,41 +233,80 @@ def _section_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def from_dict(raw: Any, source: str) -> Config:
-    """Build a Config from a sections mapping; `source` names the file in every error."""
+def _profile_kind(raw: dict[str, Any], source: str) -> str:
+    kind = raw.get("kind", "pretrain")
+    if kind not in KINDS:
+        raise UserError(f"{source}: key 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+    return str(kind)
+
+
+def _wrong_kind(source: str, kind: str, wanted: str) -> UserError:
+    use = {"pretrain": "sslctl pretrain --profile", "linear-eval": "sslctl linear-eval --profile"}
+    return UserError(
+        f"{source}: a {kind} profile (kind: {kind}), not a {wanted} one; use it with "
+        f"`{use[kind]} …`, or pick a {wanted} profile (see `sslctl profiles`)"
+    )
+
+
+def _build(cls: type, raw: Any, source: str) -> Any:
+    """Instantiate ``cls`` (a top-level config: str fields and section dataclasses) from a
+    mapping, checking every section, key, type and choice; errors name the key and ``source``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(
             f"{source}: a profile must be a YAML mapping of sections, got {type(raw).__name__}"
         )
-    top = _section_types(Config)
+    top = _section_types(cls)
     kwargs: dict[str, Any] = {}
     for sec, body in raw.items():
         if sec not in top:
             raise UserError(f"{source}: unknown section '{sec}' (known: {', '.join(top)})")
-        if sec == "description":
-            kwargs[sec] = _check_type(body, str, f"{source}: description")
+        if top[sec] is str:  # description, kind
+            kwargs[sec] = _check_type(body, str, f"{source}: {sec}")
             continue
-        cls = top[sec]
-        if not isinstance(body, dict):
-            raise UserError(f"{source}: section '{sec}' must be a mapping of key: value")
-        types_ = _section_types(cls)
-        vals = {}
-        for key, value in body.items():
-            name = f"{sec}.{key}"
-            if key not in types_:
-                raise UserError(
-                    f"{source}: unknown key '{name}' (known in '{sec}': {', '.join(types_)})"
-                )
-            vals[key] = _check_type(value, types_[key], f"{source}: key '{name}'")
-            if name in CHOICES and vals[key] not in CHOICES[name]:
-                raise UserError(
-                    f"{source}: key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}"
-                )
-        kwargs[sec] = cls(**vals)
-    cfg = Config(**kwargs)
+        kwargs[sec] = _build_section(top[sec], sec, body, source)
+    return cls(**kwargs)
+
+
+def _build_section(cls: type, sec: str, body: Any, source: str) -> Any:
+    if not isinstance(body, dict):
+        raise UserError(f"{source}: section '{sec}' must be a mapping of key: value")
+    types_ = _section_types(cls)
+    vals = {}
+    for key, value in body.items():
+        name = f"{sec}.{key}"
+        if key not in types_:
+            raise UserError(
+                f"{source}: unknown key '{name}' (known in '{sec}': {', '.join(types_)})"
+            )
+        vals[key] = _check_type(value, types_[key], f"{source}: key '{name}'")
+        if name in CHOICES and vals[key] not in CHOICES[name]:
+            raise UserError(
+                f"{source}: key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}"
+            )
+    return cls(**vals)
+
+
+def from_dict(raw: Any, source: str) -> Config:
+    """Build a Config from a sections mapping; `source` names the file in every error."""
+    if isinstance(raw, dict) and "kind" in raw:
+        kind = _profile_kind(raw, source)
+        if kind != "pretrain":
+            raise _wrong_kind(source, kind, "pretrain")
+        raw = {k: v for k, v in raw.items() if k != "kind"}
+    cfg: Config = _build(Config, raw, source)
     validate(cfg, source)
+    return cfg
+
+
+def linear_from_dict(raw: Any, source: str) -> LinearConfig:
+    """Build a LinearConfig; the mapping must say ``kind: linear-eval``."""
+    kind = _profile_kind(raw, source) if isinstance(raw, dict) else "pretrain"
+    if kind != "linear-eval":
+        raise _wrong_kind(source, kind, "linear-eval")
+    cfg: LinearConfig = _build(LinearConfig, raw, source)
+    validate_linear(cfg, source)
     return cfg
 
 
@@ -232,6 +341,29 @@ def validate(cfg: Config, source: str) -> None:
     )
 
 
+def validate_linear(cfg: LinearConfig, source: str) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UserError(f"{source}: {msg}")
+
+    lin, d = cfg.linear, cfg.data
+    need(lin.epochs >= 1 and cfg.cached.epochs >= 1, "linear.epochs and cached.epochs must be >= 1")
+    need(lin.batch_size >= 1 and cfg.cached.batch_size >= 1, "batch sizes must be >= 1")
+    need(lin.lr > 0 and cfg.cached.lr > 0, "linear.lr and cached.lr must be > 0")
+    need(lin.weight_decay >= 0 and cfg.cached.weight_decay >= 0, "weight decay must be >= 0")
+    need(
+        0 <= lin.warmup_epochs <= lin.epochs and 0 <= cfg.cached.warmup_epochs <= cfg.cached.epochs,
+        "warmup_epochs must be between 0 and epochs",
+    )
+    need(lin.log_every >= 1, "linear.log_every must be >= 1")
+    need(d.image_size >= 8, "data.image_size must be >= 8")
+    need(d.resize >= d.image_size, "data.resize must be >= data.image_size (centre crop)")
+    need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]")
+    need(d.workers >= 0 and d.eval_batch_size >= 1, "data.workers >= 0, data.eval_batch_size >= 1")
+    need(cfg.knn.k >= 1 and cfg.knn.chunk >= 1, "knn.k and knn.chunk must be >= 1")
+    need(cfg.knn.temperature > 0, "knn.temperature must be > 0")
+
+
 def profile_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
@@ -240,18 +372,23 @@ def profile_path(name_or_path: str) -> Path:
         return p
     bundled = PROFILE_DIR / f"{name_or_path}.yaml"
     if not bundled.is_file():
-        known = ", ".join(sorted(list_profiles()))
+        known = ", ".join(sorted(list_profiles(None)))
         raise UserError(f"unknown profile '{name_or_path}' (known: {known}; or pass a .yaml path)")
     return bundled
 
 
-def list_profiles() -> dict[str, str]:
-    """Bundled profile name -> its one-line description."""
+def profile_table() -> dict[str, tuple[str, str]]:
+    """Bundled profile name -> (kind, one-line description)."""
     out = {}
     for p in sorted(PROFILE_DIR.glob("*.yaml")):
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        out[p.stem] = str(raw.get("description", ""))
+        out[p.stem] = (str(raw.get("kind", "pretrain")), str(raw.get("description", "")))
     return out
+
+
+def list_profiles(kind: str | None = "pretrain") -> dict[str, str]:
+    """Bundled profiles of one kind (None: every kind) -> their one-line descriptions."""
+    return {n: desc for n, (k, desc) in profile_table().items() if kind is None or k == kind}
 
 
 def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
@@ -259,7 +396,7 @@ def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for s in sets:
         if "=" not in s or "." not in s.split("=", 1)[0]:
-            raise UserError(f"--set '{s}': expected section.key=value, e.g. --set optim.lr=2.4")
+            raise UserError(f"--set {s!r}: expected section.key=value, e.g. --set optim.lr=2.4")
         key, val = s.split("=", 1)
         sec, name = key.strip().split(".", 1)
         try:
@@ -270,8 +407,8 @@ def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load(profile: str, sets: list[str] | None = None) -> Config:
-    """Load a bundled profile (by name) or a YAML file, then apply --set overrides."""
+def _read_raw(profile: str, sets: list[str]) -> tuple[dict[str, Any], str]:
+    """The profile's mapping with --set overrides merged in, and the source named in errors."""
     path = profile_path(profile)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -282,12 +419,23 @@ def load(profile: str, sets: list[str] | None = None) -> Config:
     if raw is not None and not isinstance(raw, dict):
         raise UserError(f"{path}: a profile must be a YAML mapping of sections")
     raw = dict(raw or {})
-    for sec, kv in parse_sets(sets or []).items():
-        if sec == "description" or not isinstance(raw.get(sec, {}), dict):
+    for sec, kv in parse_sets(sets).items():
+        if sec in ("description", "kind") or not isinstance(raw.get(sec, {}), dict):
             raise UserError(f"--set {sec}.*: '{sec}' is not a settable section")
         raw[sec] = {**(raw.get(sec) or {}), **kv}
-    src = str(path) if not sets else f"{path} (with --set)"
+    return raw, (str(path) if not sets else f"{path} (with --set)")
+
+
+def load(profile: str, sets: list[str] | None = None) -> Config:
+    """Load a bundled pre-training profile (by name) or a YAML file, then apply --set overrides."""
+    raw, src = _read_raw(profile, sets or [])
     return from_dict(raw, src)
+
+
+def load_linear(profile: str, sets: list[str] | None = None) -> LinearConfig:
+    """Load a linear-eval profile (``kind: linear-eval``) by name or path, with --set overrides."""
+    raw, src = _read_raw(profile, sets or [])
+    return linear_from_dict(raw, src)
 
 
 def from_json(text: str, source: str = "checkpoint") -> Config:

@@ -87,6 +87,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank; also a barrier. ``flag`` in one process."""
+    if not is_dist():
+        return flag
+    on_gpu = tdist.get_backend() == "nccl"
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if on_gpu else "cpu")
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if not is_dist():
         return obj

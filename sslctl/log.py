@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,24 @@ class MetricsWriter:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records with ``step > max_step`` (work lost by a crash), rewriting atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if int(rec.get("step", 0)) <= max_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def is_tty() -> bool:

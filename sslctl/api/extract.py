@@ -30,7 +30,11 @@ class ExtractResult:
 
 
 def extract(
-    source: Path, output: Path, part: str = "online", fmt: str | None = None
+    source: Path,
+    output: Path,
+    part: str = "online",
+    fmt: str | None = None,
+    trust_pickle: bool = False,
 ) -> ExtractResult:
     """Read ``source`` (any input read_backbone accepts), check it, write ``output`` atomically.
 
@@ -38,7 +42,7 @@ def extract(
     from the suffix. The written file is read back and loaded into torchvision before it lands.
     """
     fmt = ex.output_format(output, fmt)
-    weights = read_backbone(Path(source), part)
+    weights = read_backbone(Path(source), part, trust_pickle)
     origin = weights.meta.get("source", str(source))
     if Path(origin).resolve() == Path(output).resolve():
         raise UserError(f"{output}: is the input file; choose another output path")

@@ -32,8 +32,15 @@ def command(
             "--format", help="safetensors or torchvision (.pth); default: from the suffix"
         ),
     ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="allow a .pth that needs full unpickling (runs code stored in the file; only "
+            "for files whose author you trust)"
+        ),
+    ] = False,
 ) -> None:
-    r = api.extract(source, output, part, fmt)
+    r = api.extract(source, output, part, fmt, trust_pickle)
     stem = ", 3x3 small-image stem" if r.small_stem else ""
     out_console.print(
         f"wrote {r.output} ({r.format}): {r.arch} {r.part} backbone{stem}, method {r.method}, "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sslctl import UserError, checkpoint
+from sslctl import UserError, checkpoint, log
 
 PARTS = ("online", "target")
 
@@ -49,7 +49,8 @@ def _is_ours(path: Path) -> bool:
     )
 
 
-def read_backbone(path: Path, part: str = "online") -> BackboneWeights:
+def read_backbone(path: Path, part: str = "online", trust_pickle: bool = False) -> BackboneWeights:
+    """The backbone in ``path``; ``trust_pickle`` allows full unpickling (runs code in the file)."""
     if part not in PARTS:
         raise UserError(f"--part must be one of {', '.join(PARTS)}, got '{part}'")
     if not path.exists() and not (path.name == "last" and path.parent.is_dir()):
@@ -67,7 +68,7 @@ def read_backbone(path: Path, part: str = "online") -> BackboneWeights:
             f"{path}: a .pkl (detectron2 format) is an output of convert-detectron, not an input; "
             "use the .safetensors or .pth it was made from"
         )
-    return _read_pickle(path, part)
+    return _read_pickle(path, part, trust_pickle)
 
 
 def _read_safetensors(path: Path, part: str) -> BackboneWeights:
@@ -88,8 +89,11 @@ def _strip_fc(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def _load_pickle(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, with its failures turned into one clear line."""
+def _load_pickle(path: Path, trust_pickle: bool = False) -> Any:
+    """``torch.load(weights_only=True)``, with its failures turned into one clear line.
+
+    ``trust_pickle`` is the only way to read anything else: it warns, then unpickles fully.
+    """
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
@@ -98,14 +102,20 @@ def _load_pickle(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            if trust_pickle:
+                log.warn(
+                    f"--trust-pickle: unpickling {path} without restrictions; any code stored "
+                    "in it runs now with your permissions"
+                )
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it references {found.group(1)}" if found else "it holds more than tensors"
         raise UserError(
             f"{path}: refused: a safe load (weights_only) cannot read it ({what}); only plain "
             "tensor state dicts are read, never code stored in a file "
-            "(re-save with torch.save(model.state_dict()))"
+            "(re-save with torch.save(model.state_dict()), or pass --trust-pickle if you trust "
+            "the file's author)"
         ) from None
     except Exception as e:  # a corrupt file surfaces as almost any error type (KeyError, EOFError…)
         why = _first_line(str(e)) or e.__class__.__name__
@@ -117,9 +127,9 @@ def _first_line(text: str) -> str:
     return lines[0][:160] if lines else ""
 
 
-def _read_pickle(path: Path, part: str) -> BackboneWeights:
+def _read_pickle(path: Path, part: str, trust_pickle: bool = False) -> BackboneWeights:
     """A .pth read with weights_only=True: plain torchvision or reference mmcv layout."""
-    obj = _load_pickle(path)
+    obj = _load_pickle(path, trust_pickle)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a state dict, found {type(obj).__name__}")
     meta = {"source": str(path), **_mmcv_meta(obj.get("meta"))}

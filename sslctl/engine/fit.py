@@ -7,6 +7,7 @@ the target stays outside DDP and the optimizer; schedules are arrays indexed by 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class Trainer:
         self.mom = target_momentum(cfg.method.base_momentum, self.total_steps).tolist()
         self.pos = Position()
         self.nonfinite = 0
-        self.metrics = log.MetricsWriter(req.run_dir / "metrics.jsonl")
+        self.metrics_path = req.run_dir / "metrics.jsonl"
 
     def _prepare_model(self) -> None:
         cfg, di = self.cfg, self.di
@@ -153,32 +154,37 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
         }
 
-    def save(self) -> Path | None:
-        """Rank 0 writes; all ranks wait. A failed write stops the run with the previous intact."""
-        path = None
+    def save(self) -> Path:
+        """Rank 0 writes, every rank learns whether it worked (the all-reduce is also the barrier).
+
+        A failed write stops every rank cleanly with the previous checkpoint intact.
+        """
+        error = ""
         if self.di.is_main:
             try:
-                ck = checkpoint.save(
+                checkpoint.save(
                     self.ckpt_dir,
                     self.pos.step,
                     self.method.state_tensors(),
                     self.meta(),
                     self.train_state(),
                 )
+                every = self.cfg.ckpt.every_epochs
+                checkpoint.prune(
+                    self.ckpt_dir,
+                    self.cfg.ckpt.keep_last,
+                    lambda m: (
+                        m.get("position") == 0 and every > 0 and m.get("epoch", 0) % every == 0
+                    ),
+                )
             except OSError as e:
-                raise TrainingHalted(
-                    f"cannot write a checkpoint in {self.ckpt_dir} ({e.strerror or e}); the previous "
-                    "checkpoint is intact — free space or fix the directory, then rerun to resume"
-                ) from None
-            every = self.cfg.ckpt.every_epochs
-            checkpoint.prune(
-                self.ckpt_dir,
-                self.cfg.ckpt.keep_last,
-                lambda m: m.get("position") == 0 and every > 0 and m.get("epoch", 0) % every == 0,
+                error = f"{e.strerror or e}"
+        if dist.any_rank(bool(error)):
+            raise TrainingHalted(
+                f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); the previous "
+                "checkpoint is intact — free space or fix the directory, then rerun to resume"
             )
-            path = ck.weights
-        dist.barrier()
-        return path
+        return checkpoint.CkptPaths.of(self.ckpt_dir, self.pos.step).weights
 
     def load(self, ck: checkpoint.CkptPaths) -> None:
         tensors, _ = checkpoint.load_safetensors(ck.weights)
@@ -196,6 +202,9 @@ class Trainer:
 
     def restore(self) -> checkpoint.CkptPaths | None:
         r = self.req.resume
+        if self.di.is_main and self.ckpt_dir.is_dir():
+            for tmp in checkpoint.iter_tmp(self.ckpt_dir):  # left by a process killed mid-write
+                tmp.unlink(missing_ok=True)
         if r == "none":
             return None
         if r == "auto":
@@ -208,6 +217,8 @@ class Trainer:
         if ck is not None:
             self.load(ck)
             log.info(f"resumed from {ck.weights} (step {self.pos.step}, epoch {self.pos.epoch})")
+            if self.di.is_main:  # records past the checkpoint belong to work that was lost
+                log.truncate_jsonl(self.metrics_path, self.pos.step)
         return ck
 
     # ----------------------------------------------------------------- training
@@ -324,6 +335,7 @@ class Trainer:
 
     def run(self) -> FitResult:
         self.restore()
+        self.metrics = log.MetricsWriter(self.metrics_path)
         if self.di.is_main:
             (self.req.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         stop_at = (
@@ -345,6 +357,7 @@ class Trainer:
                 saved = self.save()
         self.metrics.close()
         stopped = "done" if self.pos.step >= self.total_steps else (reason or "max_steps")
+        self._write_status(stopped, saved)
         return FitResult(
             self.pos.step,
             self.pos.epoch,
@@ -354,6 +367,22 @@ class Trainer:
             self.rate,
             self.req.run_dir / "metrics.jsonl",
         )
+
+    def _write_status(self, stopped: str, saved: Path | None) -> None:
+        """RUN/status.json: what a wrapper script (Slurm requeue) reads to decide what to do."""
+        if not self.di.is_main:
+            return
+        status = {
+            "stopped": stopped,
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "checkpoint": str(saved),
+        }
+
+        def write(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(status) + "\n")
+
+        checkpoint.atomic_write(self.req.run_dir / "status.json", write)
 
     @staticmethod
     def _saved_step(path: Path) -> int:

@@ -11,8 +11,6 @@ import threading
 from types import FrameType
 from typing import Any
 
-import torch
-
 from sslctl import dist, log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -43,7 +41,4 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """True on every rank if any rank received a stop signal (one tiny all-reduce)."""
-        local = torch.tensor([1.0 if self.raised is not None else 0.0])
-        if dist.is_dist() and torch.cuda.is_available():
-            local = local.cuda()
-        return bool(dist.all_reduce_max(local).item() > 0)
+        return dist.any_rank(self.raised is not None)

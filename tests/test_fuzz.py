@@ -1,0 +1,149 @@
+"""Property-based fuzzing: hostile profiles, list files and safetensors headers give one clear
+UserError (a single line), never another exception."""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sslctl import UserError, checkpoint, config
+from sslctl.data.readers import read_list_file
+
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=3),
+)
+known_sections = st.sampled_from(
+    [
+        "model",
+        "method",
+        "loss",
+        "optim",
+        "train",
+        "data",
+        "ckpt",
+        "init",
+        "eval",
+        "description",
+        "kind",
+        "bogus",
+    ]
+)
+known_keys = st.sampled_from(
+    [
+        "arch",
+        "lr",
+        "epochs",
+        "batch_size",
+        "backend",
+        "gamma",
+        "keep",
+        "name",
+        "weights",
+        "x",
+        "precision",
+    ]
+)
+profiles = st.dictionaries(
+    known_sections, st.one_of(scalars, st.dictionaries(known_keys, scalars, max_size=4)), max_size=5
+)
+
+
+def _one_line(e: UserError) -> None:
+    msg = str(e)
+    assert msg and "\n" not in msg.strip(), msg
+
+
+def _expect_user_error_or_ok(fn) -> None:
+    try:
+        fn()
+    except UserError as e:
+        _one_line(e)
+
+
+@FUZZ
+@given(profiles)
+def test_fuzzed_profile_mappings(raw):
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "p.yaml"
+        p.write_text(yaml.safe_dump(raw))
+        _expect_user_error_or_ok(lambda: config.load(str(p)))
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_fuzzed_profile_text(text):
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "p.yaml"
+        p.write_text(text)
+        _expect_user_error_or_ok(lambda: config.load(str(p)))
+
+
+@FUZZ
+@given(
+    st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=6)
+)
+def test_fuzzed_set_overrides(sets):
+    _expect_user_error_or_ok(lambda: config.load("demo-cpu", sets))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_fuzzed_list_files(blob):
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "a.png").write_bytes(b"")
+        lst = root / "list.txt"
+        lst.write_bytes(blob)
+        _expect_user_error_or_ok(lambda: read_list_file(lst, root))
+
+
+header_values = st.one_of(
+    scalars,
+    st.fixed_dictionaries(
+        {
+            "dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "Q9", ""]),
+            "shape": st.lists(st.integers(-3, 5), max_size=3),
+            "data_offsets": st.lists(st.integers(-5, 200), max_size=3),
+        }
+    ),
+)
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.text(max_size=8), header_values, max_size=4),
+    st.binary(max_size=64),
+    st.integers(-2, 2),
+)
+def test_fuzzed_safetensors_headers(header, payload, size_skew):
+    raw = json.dumps(header).encode()
+    blob = struct.pack("<Q", max(len(raw) + size_skew, 0)) + raw + payload
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "w.safetensors"
+        p.write_bytes(blob)
+        _expect_user_error_or_ok(lambda: checkpoint.load_safetensors(p))
+        _expect_user_error_or_ok(lambda: checkpoint.read_metadata(p))
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_fuzzed_safetensors_bytes(blob):
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "w.safetensors"
+        p.write_bytes(blob)
+        _expect_user_error_or_ok(lambda: checkpoint.load_safetensors(p))
