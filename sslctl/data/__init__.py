@@ -1,0 +1,34 @@
+"""Data: view specs (augmentations as data), dataset readers, the torchvision backend
+(``sslctl.data.tv``) and the bundled demo data set (``sslctl.data.bundled``).
+
+The backends are imported from their modules, not from here, so that importing the specs
+does not pull in torchvision or DALI.
+"""
+
+from sslctl.data.readers import DecodeError, Sample, load_rgb, read_list_file, scan_imagefolder
+from sslctl.data.views import (
+    EvalSpec,
+    ViewSpec,
+    blur_kernel_size,
+    byol_views,
+    hue_degrees,
+    linear_train,
+    linear_val,
+    reid,
+)
+
+__all__ = [
+    "DecodeError",
+    "EvalSpec",
+    "Sample",
+    "ViewSpec",
+    "blur_kernel_size",
+    "byol_views",
+    "hue_degrees",
+    "linear_train",
+    "linear_val",
+    "load_rgb",
+    "read_list_file",
+    "reid",
+    "scan_imagefolder",
+]

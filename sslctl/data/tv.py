@@ -1,0 +1,379 @@
+"""The torchvision backend: two-view pre-training pipeline and evaluation datasets on the CPU.
+
+Speed (SPEC §1): every view is cropped and resized on the PIL image first, so that all later
+operations touch only size×size pixels; Gaussian blur is PIL's ``GaussianBlur(radius=σ)`` (the
+reference's, about 7× faster than torchvision's 23-tap tensor blur); the conversion to a
+normalised float tensor is one fused multiply-add. benchmarks/bench_augment.py measures it.
+
+Reproducibility: each sample's views are drawn from a ``random.Random`` seeded by
+(seed, epoch, index), never from a global RNG, so a run resumed mid-epoch sees the same views
+and worker count or scheduling cannot change them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image, ImageFilter, ImageOps
+from rich.markup import escape
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms as T
+
+from sslctl import UserError
+from sslctl.data.readers import DecodeError, Sample, load_rgb
+from sslctl.data.views import EvalSpec, ViewSpec
+from sslctl.log import console
+
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+_TV_INTERP = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+}
+
+
+# ColorJitter draws: the order of (brightness, contrast, saturation, hue), then the four factors
+Jitter = tuple[tuple[int, ...], float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random draws for one view; ``None``/``False`` means the step is skipped."""
+
+    box: tuple[int, int, int, int]  # crop (left, top, right, bottom) in source pixels
+    flip: bool
+    jitter: Jitter | None
+    gray: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+def crop_box(
+    width: int, height: int, spec: ViewSpec, rng: random.Random
+) -> tuple[int, int, int, int]:
+    """A random resized crop: torchvision's RandomResizedCrop.get_params, drawn from ``rng``.
+
+    Up to 10 tries of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); if none
+    fits, the largest centred crop whose aspect ratio lies within ``ratio``.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*spec.scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    w, h = width, height
+    if in_ratio < spec.ratio[0]:
+        h = round(width / spec.ratio[0])
+    elif in_ratio > spec.ratio[1]:
+        w = round(height * spec.ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _factor(rng: random.Random, amount: float) -> float:
+    return rng.uniform(max(0.0, 1.0 - amount), 1.0 + amount)
+
+
+def draw_params(width: int, height: int, spec: ViewSpec, rng: random.Random) -> ViewParams:
+    """All random choices for one view of a width×height image, in a fixed draw order."""
+    box = crop_box(width, height, spec, rng)
+    flip = rng.random() < spec.flip_p
+    jitter = None
+    if rng.random() < spec.jitter_p:
+        order = list(range(4))
+        rng.shuffle(order)  # torchvision's ColorJitter applies its adjustments in random order
+        jitter = (
+            tuple(order),
+            _factor(rng, spec.brightness),
+            _factor(rng, spec.contrast),
+            _factor(rng, spec.saturation),
+            rng.uniform(-spec.hue, spec.hue),
+        )
+    gray = rng.random() < spec.gray_p
+    blur = rng.uniform(*spec.blur_sigma) if rng.random() < spec.blur_p else None
+    solarize = rng.random() < spec.solarize_p
+    return ViewParams(box, flip, jitter, gray, blur, solarize)
+
+
+def _jitter(img: Image.Image, jitter: Jitter) -> Image.Image:
+    order, b, c, s, h = jitter
+    for op in order:
+        if op == 0 and b != 1.0:
+            img = F.adjust_brightness(img, b)
+        elif op == 1 and c != 1.0:
+            img = F.adjust_contrast(img, c)
+        elif op == 2 and s != 1.0:
+            img = F.adjust_saturation(img, s)
+        elif op == 3 and h != 0.0:
+            img = F.adjust_hue(img, h)
+    return img
+
+
+class _Normalize:
+    """uint8 HWC PIL image → normalised float32 CHW tensor in one fused multiply-add."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        out = chw.to(torch.float32, memory_format=torch.contiguous_format)
+        return out.mul_(self.scale).add_(self.shift)
+
+
+def render_view(img: Image.Image, spec: ViewSpec, params: ViewParams) -> Image.Image:
+    """Apply one view's drawn parameters to an RGB image; returns a size×size RGB image."""
+    out = img.resize((spec.size, spec.size), _PIL_RESAMPLE[spec.interpolation], box=params.box)
+    if params.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if params.jitter is not None:
+        out = _jitter(out, params.jitter)
+    if params.gray:
+        out = out.convert("L").convert("RGB")  # ITU-R 601 luma, as torchvision's PIL path
+    if params.blur_sigma is not None:
+        out = out.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
+    if params.solarize:
+        out = ImageOps.solarize(out, threshold=spec.solarize_threshold)
+    return out
+
+
+class TwoViewTransform:
+    """PIL RGB image → (view 1, view 2), each a normalised float32 3×size×size tensor."""
+
+    def __init__(self, spec1: ViewSpec, spec2: ViewSpec):
+        self.specs = (spec1, spec2)
+        self._norms = (_Normalize(spec1.mean, spec1.std), _Normalize(spec2.mean, spec2.std))
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[Tensor, Tensor]:
+        rng = rng if rng is not None else random.Random()
+        views = []
+        for spec, norm in zip(self.specs, self._norms, strict=True):
+            params = draw_params(img.width, img.height, spec, rng)
+            views.append(norm(render_view(img, spec, params)))
+        return views[0], views[1]
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The RNG of one sample's views; a string seed is hashed with SHA-512 by ``random``,
+    which is stable across processes and Python versions (unlike ``hash()``)."""
+    return random.Random(f"sslctl/{seed}/{epoch}/{index}")
+
+
+class PretrainDataset(Dataset):
+    """Two views of each sample; an unreadable image is replaced by the next readable one.
+
+    ``item(epoch, index)`` returns (v1, v2, substituted). A file that fails to decode is
+    warned about (at most once per file and worker process, with its path) and the sample at
+    index+1, index+2, … (mod n) is used instead, with the views still seeded by the original
+    (epoch, index), so substitution is deterministic. ``substituted`` lets the loader count
+    replacements in the main process, which worker processes cannot report otherwise.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: TwoViewTransform, seed: int = 0):
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        v1, v2, _ = self.item(0, index)
+        return v1, v2
+
+    def item(self, epoch: int, index: int) -> tuple[Tensor, Tensor, bool]:
+        n = len(self.samples)
+        for offset in range(n):
+            path = self.samples[(index + offset) % n][0]
+            try:
+                img = load_rgb(path)
+            except DecodeError as e:
+                if path not in self._warned:
+                    self._warned.add(path)
+                    msg = escape(f"{e}; using the next image instead")
+                    console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
+                continue
+            v1, v2 = self.transform(img, sample_rng(self.seed, epoch, index))
+            return v1, v2, offset > 0
+        raise UserError(f"none of the {n} images could be decoded (first: {self.samples[0][0]})")
+
+
+def preflight(
+    samples: Sequence[Sample], full: bool = False, threads: int = 8
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Split samples into (readable, [(path, reason)]) before training.
+
+    ``full=False`` parses headers only (PIL's ``verify``; fast: catches missing, zero-byte and
+    non-image files, and PNG checksum errors);
+    ``full=True`` decodes every pixel (also catches truncated files; at roughly 1 ms an image
+    it is for small or suspicious data sets). Threads overlap file-system latency.
+    """
+
+    def check(sample: Sample) -> str:
+        try:
+            if full:
+                load_rgb(sample[0])
+            else:
+                with Image.open(sample[0]) as img:
+                    img.verify()
+        except DecodeError as e:
+            return e.reason
+        except Exception as e:  # noqa: BLE001 - any failure to parse a header means unreadable
+            return str(e) or type(e).__name__
+        return ""
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        reasons = list(pool.map(check, samples))
+    good = [s for s, r in zip(samples, reasons, strict=True) if not r]
+    bad = [(s[0], r) for s, r in zip(samples, reasons, strict=True) if r]
+    return good, bad
+
+
+class _Keyed(Dataset):
+    """Maps the sampler's (epoch, index) keys to PretrainDataset.item: the epoch travels with
+    each key, so persistent workers need no state update between epochs."""
+
+    def __init__(self, dataset: PretrainDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, bool]:
+        return self.dataset.item(*key)
+
+
+class _KeyList(Sampler[tuple[int, int]]):
+    """Yields the keys the loader set for the current epoch (the sampler runs in the main
+    process, so replacing ``keys`` between epochs reaches persistent workers too)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class PretrainLoader:
+    """Batches of two views for one rank, with DistributedSampler(drop_last=True) semantics.
+
+    Each epoch, the sample indices are shuffled with ``seed + epoch`` (the same permutation on
+    every rank), the tail that does not split evenly over ``world`` ranks is dropped, rank r
+    takes every world-th index from r, and the rank's last partial batch is dropped. rank and
+    world are passed explicitly, so one process needs no torch.distributed.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        spec_pair: tuple[ViewSpec, ViewSpec],
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        if batch_size < 1 or world < 1 or not 0 <= rank < world:
+            raise ValueError(f"bad loader geometry: batch {batch_size}, rank {rank}, world {world}")
+        self.samples = list(samples)
+        self.batch_size = batch_size
+        self.dataset = PretrainDataset(self.samples, TwoViewTransform(*spec_pair), seed)
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.steps_per_epoch = self.sampler.num_samples // batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"{len(self.samples)} images over {world} rank(s) give {self.sampler.num_samples} "
+                f"per rank, fewer than one batch of {batch_size}: use more images, a smaller "
+                f"train.batch_size or fewer GPUs"
+            )
+        self.substituted = 0  # unreadable images replaced so far, seen by this rank
+        self._keys = _KeyList()
+        self._loader = DataLoader(
+            _Keyed(self.dataset),
+            batch_size=batch_size,
+            sampler=self._keys,
+            num_workers=workers,
+            # pinning needs an accelerator; asking without one only earns a warning per epoch
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            drop_last=True,
+            persistent_workers=workers > 0,
+        )
+
+    def indices(self, epoch: int) -> list[int]:
+        """This rank's sample indices for ``epoch`` (steps_per_epoch × batch_size of them)."""
+        self.sampler.set_epoch(epoch)
+        return list(self.sampler)[: self.steps_per_epoch * self.batch_size]
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (v1, v2) batches (B×3×H×W float32) of ``epoch`` from micro-batch start_batch.
+
+        Resuming skips the first start_batch batches by slicing the index list, so nothing is
+        decoded twice and the remaining batches equal those of an uninterrupted epoch. Use one
+        epoch iterator at a time: starting another resets the (persistent) workers' queue.
+        """
+        if not 0 <= start_batch <= self.steps_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.steps_per_epoch}")
+        chosen = self.indices(epoch)[start_batch * self.batch_size :]
+        self._keys.keys = [(epoch, i) for i in chosen]
+        for v1, v2, substituted in self._loader:
+            self.substituted += int(substituted.sum())
+            yield v1, v2
+
+
+def eval_transform(spec: EvalSpec) -> Callable[[Image.Image], Tensor]:
+    """PIL RGB image → normalised float32 3×height×width tensor, following ``spec``."""
+    interp = _TV_INTERP[spec.interpolation]
+    size = (spec.height, spec.width)
+    steps: list[Callable[..., object]]
+    if spec.crop == "center":
+        steps = [T.Resize(spec.resize, interpolation=interp), T.CenterCrop(size)]
+    elif spec.crop == "random":
+        steps = [
+            T.RandomResizedCrop(size, scale=spec.scale, interpolation=interp),
+            T.RandomHorizontalFlip(spec.flip_p),
+        ]
+    else:
+        steps = [T.Resize(size, interpolation=interp)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+class EvalDataset(Dataset):
+    """(tensor, label, index) per sample; an unreadable image raises DecodeError (evaluation
+    must not silently change its data set)."""
+
+    def __init__(self, samples: Sequence[Sample], spec: EvalSpec):
+        self.samples = list(samples)
+        self.spec = spec
+        self.transform = eval_transform(spec)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label, index
