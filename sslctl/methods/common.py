@@ -82,8 +82,8 @@ class SiameseMethod(nn.Module, abc.ABC):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """θ_t ← m·θ_t + (1−m)·θ_o over parameters only, in one foreach call (no Python loop)."""
-        t = [p for p in self.target.parameters()]
-        o = [p.detach() for p in self.online.encoder.parameters()]
+        t: list[torch.Tensor] = [p.data for p in self.target.parameters()]
+        o: list[torch.Tensor] = [p.detach() for p in self.online.encoder.parameters()]
         torch._foreach_lerp_(t, o, 1.0 - momentum)  # one pass: t + (1−m)(o − t)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

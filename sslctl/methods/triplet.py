@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,11 +50,14 @@ class Triplet(SiameseMethod):
             # drop_last makes every rank's micro-batch the same size n, so rank r's rows start at r·n.
             zt1, zt2 = dist.gather_varsize(zt1), dist.gather_varsize(zt2)
             pos = torch.arange(n, device=p1.device) + dist.rank() * n
-        kw = dict(
-            gamma=c.loss.gamma, margin=c.loss.margin, drop=c.loss.drop_nearest, keep=c.loss.keep
+        loss = functools.partial(
+            truncated_triplet_loss,
+            gamma=c.loss.gamma,
+            margin=c.loss.margin,
+            drop=c.loss.drop_nearest,
+            keep=c.loss.keep,
         )
-        a = truncated_triplet_loss(p1, zt2, pos, **kw)
-        b = truncated_triplet_loss(p2, zt1, pos, **kw)
+        a, b = loss(p1, zt2, pos), loss(p2, zt1, pos)
         stats = {
             "d_ap": (a.d_ap + b.d_ap) / 2,
             "d_an": (a.d_an + b.d_an) / 2,
