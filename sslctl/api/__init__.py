@@ -4,6 +4,19 @@
 functions are re-exported here so that ``from sslctl import api; api.pretrain(...)`` works.
 """
 
+from sslctl.api.convert_detectron import ConvertDetectronResult, convert_detectron
+from sslctl.api.eval_reid import EvalReidOptions, EvalReidResult, eval_reid
+from sslctl.api.extract import ExtractResult, extract
 from sslctl.api.pretrain import PretrainResult, pretrain
 
-__all__ = ["PretrainResult", "pretrain"]
+__all__ = [
+    "ConvertDetectronResult",
+    "EvalReidOptions",
+    "EvalReidResult",
+    "ExtractResult",
+    "PretrainResult",
+    "convert_detectron",
+    "eval_reid",
+    "extract",
+    "pretrain",
+]

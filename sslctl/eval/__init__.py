@@ -1,0 +1,1 @@
+"""Evaluations: dataset-ordered feature extraction, re-identification layouts and metrics."""
