@@ -40,7 +40,9 @@ def init(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        # SSLCTL_DIST_TIMEOUT_S bounds every collective, and the connection set-up, in seconds.
+        timeout = float(os.environ.get("SSLCTL_DIST_TIMEOUT_S", "1800"))
+        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
