@@ -30,3 +30,13 @@ timeout 60 $PY benchmarks/bench_loss.py --json "$OUT/loss.json" 2>&1 | tail -n 8
 
 echo "== LARS / target update"
 timeout 60 $PY benchmarks/bench_lars.py --json "$OUT/lars.json" 2>&1 | tail -n 8
+
+echo "== DALI data path: two-view throughput, torchvision vs DALI cpu vs DALI mixed (nvJPEG)"
+# The DALI GPU tests (tests/test_dali.py, marked gpu and dali) ran with `pytest -m gpu` above.
+if $PY -c "import nvidia.dali" >/dev/null 2>&1; then
+    timeout 300 $PY benchmarks/bench_data.py --n 384 --batch 64 --workers 2 4 \
+        --json "$OUT/data.json" 2>&1 | tail -n 12
+else
+    echo "nvidia.dali not importable: DALI GPU tests skipped and throughput NOT measured" \
+        "(needs nvidia-dali-cuda130, the dali extra)"
+fi

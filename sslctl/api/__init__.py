@@ -5,17 +5,20 @@ functions are re-exported here so that ``from sslctl import api; api.pretrain(..
 """
 
 from sslctl.api.convert_detectron import ConvertDetectronResult, convert_detectron
+from sslctl.api.data_check import DataCheckResult, data_check
 from sslctl.api.eval_reid import EvalReidOptions, EvalReidResult, eval_reid
 from sslctl.api.extract import ExtractResult, extract
 from sslctl.api.pretrain import PretrainResult, pretrain
 
 __all__ = [
     "ConvertDetectronResult",
+    "DataCheckResult",
     "EvalReidOptions",
     "EvalReidResult",
     "ExtractResult",
     "PretrainResult",
     "convert_detectron",
+    "data_check",
     "eval_reid",
     "extract",
     "pretrain",

@@ -15,6 +15,7 @@ app = typer.Typer(
 # Subcommands (explicit, no registry). Each module defines `command`.
 from sslctl.cli import checkpoints as _checkpoints  # noqa: E402
 from sslctl.cli import convert_detectron as _convert_detectron  # noqa: E402
+from sslctl.cli import data_check as _data_check  # noqa: E402
 from sslctl.cli import eval_reid as _eval_reid  # noqa: E402
 from sslctl.cli import extract as _extract  # noqa: E402
 from sslctl.cli import pretrain as _pretrain  # noqa: E402
@@ -26,6 +27,7 @@ app.command("checkpoints", help=_checkpoints.HELP)(_checkpoints.command)
 app.command("extract", help=_extract.HELP)(_extract.command)
 app.command("convert-detectron", help=_convert_detectron.HELP)(_convert_detectron.command)
 app.command("eval-reid", help=_eval_reid.HELP)(_eval_reid.command)
+app.add_typer(_data_check.app, name="data")
 
 
 def main() -> None:

@@ -1,0 +1,475 @@
+"""The DALI backend against the torchvision backend: views, odd files, sharding, resume, eval.
+
+CPU pipelines (device_id=None) run everywhere DALI is installed; the GPU ("mixed") ones are
+marked gpu and skipped without CUDA. Both backends draw the same per-sample parameters, so
+most checks compare the two renderings sample by sample, from the output pixels.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from sslctl import api  # noqa: E402
+from sslctl.data import dali as D  # noqa: E402
+from sslctl.data.index import KINDS, USABLE, build_index, index_path  # noqa: E402
+from sslctl.data.readers import DecodeError, load_rgb, scan_imagefolder  # noqa: E402
+from sslctl.data.tv import EvalDataset, PretrainLoader  # noqa: E402
+from sslctl.data.views import ViewSpec, byol_views, linear_train, linear_val, reid  # noqa: E402
+
+pytestmark = pytest.mark.dali
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+CPU = D.DaliOptions(threads=2, read_threads=2)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSLCTL_CACHE", str(tmp_path / "cache"))
+
+
+def _index(samples: list[tuple[str, int]], root: Path):
+    return build_index([p for p, _ in samples], root, index_path(root)).index
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    """Normalised B×3×H×W views back to uint8-scale B×H×W×3 floats."""
+    return ((x.float() * STD + MEAN) * 255.0).permute(0, 2, 3, 1).numpy()
+
+
+def render_both(
+    path: Path, n: int, specs: tuple[ViewSpec, ViewSpec], seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """([dali v1, v2], [tv v1, v2]) of n samples that all read the image at ``path``."""
+    samples = [(str(path), 0)] * n
+    index = _index(samples, path.parent)
+    dl = D.DaliPretrainLoader(samples, specs, n, index, seed=seed, options=CPU)
+    tl = PretrainLoader(samples, specs, n, seed=seed)
+    d = next(iter(dl.epoch(0)))
+    t = next(iter(tl.epoch(0)))
+    return [_uint8(v) for v in d], [_uint8(v) for v in t]
+
+
+def only(**kw: object) -> tuple[ViewSpec, ViewSpec]:
+    """A pair of views with every random step off except those in ``kw``."""
+    off = ViewSpec(size=32, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    spec = replace(off, **kw)  # type: ignore[arg-type]
+    return spec, spec
+
+
+def _save(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+    return path
+
+
+def _blocks(path: Path, size: int = 32, lo: int = 0, hi: int = 256, seed: int = 0) -> Path:
+    """Colourful 8×8 blocks (saturated enough for hue and saturation to be measurable)."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(lo, hi, (4, 4, 3))
+    return _save(path, np.kron(cells, np.ones((size // 4, size // 4, 1))))
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_crop_area_aspect_and_flip_match_torchvision(tmp_path: Path) -> None:
+    """A coordinate-coded image (R = 4x, G = 5y): each output view's corners tell where its
+    crop came from; histograms of crop area and aspect ratio (and the flip rate) agree."""
+    y, x = np.mgrid[0:48, 0:64]
+    img = _save(tmp_path / "grad.png", np.stack([4 * x, 5 * y, np.full_like(x, 128)], -1))
+    specs = only(size=32, flip_p=0.5)
+    d, t = render_both(img, 96, specs)
+
+    def geometry(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dx = (v[:, :, -1, 0].mean(1) - v[:, :, 0, 0].mean(1)) / 4.0  # R right − left
+        dy = (v[:, -1, :, 1].mean(1) - v[:, 0, :, 1].mean(1)) / 5.0
+        w, h = np.abs(dx) * 32 / 31, dy * 32 / 31  # centres of edge pixels → crop edges
+        return w * h / (64 * 48), np.log(w / h), dx < 0
+
+    for k in range(2):
+        (ad, rd, fd), (at, rt, ft) = geometry(d[k]), geometry(t[k])
+        assert np.abs(ad - at).max() < 0.03
+        assert np.abs(rd - rt).max() < 0.08
+        assert np.array_equal(fd, ft) and 0.3 < fd.mean() < 0.7
+        bins = np.linspace(0, 1, 6)
+        assert np.abs(np.histogram(ad, bins)[0] - np.histogram(at, bins)[0]).sum() <= 4
+        assert ad.min() > 0.03 and ad.max() < 1.05 and 0.35 < ad.mean() < 0.75
+        assert np.abs(rd).max() < np.log(4 / 3) + 0.08
+
+
+# ----------------------------------------------------------------------------- coin flips
+
+
+def test_grayscale_fraction(tmp_path: Path) -> None:
+    img = _blocks(tmp_path / "c.png")
+    d, t = render_both(img, 128, byol_views(32, 0.5))
+    for k in range(2):
+        gd = np.abs(np.diff(d[k], axis=3)).max(axis=(1, 2, 3)) <= 1.5
+        gt = np.abs(np.diff(t[k], axis=3)).max(axis=(1, 2, 3)) <= 1.5
+        assert (gd == gt).mean() >= 0.98
+        assert 0.1 <= gd.mean() <= 0.32  # p = 0.2 (128 draws: ±0.1 is > 2.5 σ)
+
+
+def test_solarised_second_views(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    img = _save(tmp_path / "bright.png", rng.integers(190, 250, (32, 32, 3)))
+    s1, s2 = (replace(s, jitter_p=0.0) for s in byol_views(32, 0.5))
+    d, t = render_both(img, 128, (s1, s2))
+    for k, expected in ((0, (0.0, 0.0)), (1, (0.1, 0.32))):
+        sd, st = d[k].mean(axis=(1, 2, 3)) < 128, t[k].mean(axis=(1, 2, 3)) < 128
+        assert np.array_equal(sd, st)
+        assert expected[0] <= sd.mean() <= expected[1]
+
+
+def test_blurred_views(tmp_path: Path) -> None:
+    """Blur shows as lost high-frequency energy on a noise image rendered without resampling
+    (full-image crop to the same size): σ ~ U(0.1, 2) with p 1.0 (view 1) and 0.1 (view 2)."""
+    rng = np.random.default_rng(2)
+    img = _save(tmp_path / "noise.png", rng.integers(0, 256, (32, 32, 3)))
+    base = only(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0))[0]
+    specs = (replace(base, blur_p=1.0), replace(base, blur_p=0.1))
+    d, t = render_both(img, 128, specs)
+    src = np.asarray(Image.open(img), np.float32)
+
+    def blurred(v: np.ndarray) -> np.ndarray:
+        lap = lambda a: np.abs(np.diff(a, 2, axis=-2)).mean(axis=(-1, -2, -3))  # noqa: E731
+        return lap(v) < 0.8 * lap(src)
+
+    bd1, bt1, bd2, bt2 = blurred(d[0]), blurred(t[0]), blurred(d[1]), blurred(t[1])
+    assert (bd1 == bt1).mean() >= 0.95 and (bd2 == bt2).mean() >= 0.97
+    assert 0.6 <= bd1.mean() <= 1.0  # σ below ~0.4 hardly blurs: p(detectable) ≈ 0.8
+    assert 0.02 <= bd2.mean() <= 0.2
+
+
+# ----------------------------------------------------------------------------- colour jitter
+
+
+def _hue(v: np.ndarray) -> np.ndarray:
+    flat = v.reshape(-1, 3) / 255.0
+    return np.array([colorsys.rgb_to_hsv(*np.clip(p, 0, 1))[0] for p in flat]).reshape(v.shape[:-1])
+
+
+def test_colour_jitter_ranges_match_torchvision(tmp_path: Path) -> None:
+    """Each adjustment alone, p = 1: per-sample factors measured from the pixels agree."""
+    img = _blocks(tmp_path / "c.png", lo=50, hi=170)
+    src = np.asarray(Image.open(img), np.float32)
+    full = dict(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=1.0)
+    zero = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+
+    def chroma(a: np.ndarray) -> np.ndarray:
+        return (a.max(-1) - a.min(-1)).mean(axis=(-1, -2))
+
+    checks = {
+        "brightness": (lambda a: a.mean(axis=(1, 2, 3)) / src.mean(), 0.02, (0.6, 1.4)),
+        "contrast": (lambda a: a.std(axis=(1, 2, 3)) / src.std(), 0.03, (0.6, 1.4)),
+        "saturation": (lambda a: chroma(a) / chroma(src), 0.03, (0.8, 1.2)),
+    }
+    for name, (measure, tol, (lo, hi)) in checks.items():
+        d, t = render_both(img, 64, only(**{**full, **zero, name: 0.4 if lo < 0.7 else 0.2}))
+        md, mt = measure(d[0]), measure(t[0])
+        assert np.abs(md - mt).max() < tol, name
+        assert lo - 0.02 <= md.min() < lo + 0.12 and hi - 0.12 < md.max() <= hi + 0.02, name
+    d, t = render_both(img, 24, only(**{**full, **zero, "hue": 0.1}))
+    h0 = _hue(src)
+
+    def shift(v: np.ndarray) -> np.ndarray:  # mean circular hue shift, degrees
+        return np.degrees(np.angle(np.exp(2j * np.pi * (_hue(v) - h0)).mean(axis=(1, 2))))
+
+    sd, st = shift(d[0]), shift(t[0])
+    assert np.abs(sd - st).max() < 8.0  # DALI rotates hue linearly in YIQ, torchvision in HSV
+    assert np.abs(st).max() <= 36.5 and np.abs(sd).max() <= 42.0
+    assert np.corrcoef(sd, st)[0, 1] > 0.95
+
+
+def test_normalised_output_statistics_match(tmp_path: Path) -> None:
+    img = _blocks(tmp_path / "c.png", size=48)
+    samples = [(str(img), 0)] * 64
+    index = _index(samples, tmp_path)
+    specs = byol_views(32, 0.2)
+    d = next(iter(D.DaliPretrainLoader(samples, specs, 64, index, options=CPU).epoch(0)))
+    t = next(iter(PretrainLoader(samples, specs, 64).epoch(0)))
+    for vd, vt in zip(d, t, strict=True):
+        assert vd.dtype == torch.float32 and vd.shape == vt.shape == (64, 3, 32, 32)
+        md, mt = vd.mean(dim=(0, 2, 3)), vt.mean(dim=(0, 2, 3))
+        sd, st = vd.std(dim=(0, 2, 3)), vt.std(dim=(0, 2, 3))
+        # DALI's YIQ hue rotation pulls colours slightly toward grey where torchvision's HSV
+        # shift keeps saturation (≈ 3 levels of 255 on this saturated image): 0.1 here is
+        # 6 levels; a channel-order or normalisation mistake moves these by > 0.3.
+        assert torch.allclose(md, mt, atol=0.1), (md, mt)
+        assert torch.allclose(sd, st, atol=0.06), (sd, st)
+
+
+def test_views_without_jitter_match_pixel_for_pixel(tmp_path: Path) -> None:
+    """Crop, flip, grayscale, blur and solarisation: the same image within a few levels."""
+    img = _blocks(tmp_path / "c.png", size=48)
+    specs = tuple(replace(s, jitter_p=0.0) for s in byol_views(32, 0.2))
+    d, t = render_both(img, 32, specs)  # type: ignore[arg-type]
+    for k in range(2):
+        assert np.abs(d[k] - t[k]).mean() < 3.0
+        assert np.median(np.abs(d[k] - t[k]).mean(axis=(1, 2, 3))) < 2.0
+
+
+# ----------------------------------------------------------------------------- odd files
+
+
+def _odd_folder(root: Path) -> list[tuple[str, int]]:
+    from tests.test_data_check import make_odd_folder
+
+    make_odd_folder(root)
+    for i in range(6):  # enough usable images for a few batches
+        _blocks(root / "x" / f"b{i}.png", seed=i)
+    samples, _ = scan_imagefolder(root)
+    return samples
+
+
+def test_dali_decodes_every_usable_kind_like_pil(tmp_path: Path) -> None:
+    """The index decides with PIL; DALI's CPU decoder must agree on every kind: same pixels
+    for the usable ones, a failure for the others (so no unusable file can reach DALI)."""
+    samples = _odd_folder(tmp_path / "d")
+    index = _index(samples, tmp_path / "d")
+    usable = index.usable()
+    paths = [p for p, _ in samples]
+    failures = D.dali_decode_failures(paths)
+    assert set(failures) == {p for p, u in zip(paths, usable, strict=True) if not u}
+    runner = D._Runner(D._probe_graph, 1, D.DaliOptions(threads=1, prefetch=1))
+    good = [p for p, u in zip(paths, usable, strict=True) if u]
+    runner.start(
+        [np.array([k]) for k in range(len(good))],
+        lambda k: ([np.fromfile(good[int(k[0])], np.uint8)],),
+    )
+    for p in good:
+        (img,) = runner.next()
+        assert np.array_equal(img[0].numpy(), np.asarray(load_rgb(p))), p
+
+
+def test_odd_files_pass_through_both_backends(tmp_path: Path) -> None:
+    samples = _odd_folder(tmp_path / "d")
+    index = _index(samples, tmp_path / "d")
+    specs = byol_views(16, 0.5)
+    dl = D.DaliPretrainLoader(samples, specs, 4, index, seed=3, options=CPU)
+    tl = PretrainLoader(samples, specs, 4, seed=3)
+    assert dl.steps_per_epoch == tl.steps_per_epoch == len(samples) // 4
+    for (d1, d2), (t1, _) in zip(dl.epoch(0), tl.epoch(0), strict=True):
+        assert torch.isfinite(d1).all() and torch.isfinite(d2).all()
+        assert d1.shape == t1.shape == (4, 3, 16, 16)
+    seen = dl.indices(0)
+    kinds = [KINDS[index.kind[i]] for i in seen]
+    skipped = sum(k not in USABLE for k in kinds)
+    assert dl.substituted == skipped >= 4
+    # PIL also reads the GIF behind a .jpg name, DALI does not: only DALI replaces it
+    assert tl.substituted == skipped - kinds.count("other-format")
+
+
+def test_a_file_broken_after_the_index_is_skipped_at_run_time(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    paths = [_blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(12)]
+    samples = [(str(p), 0) for p in paths]
+    index = _index(samples, root)
+    full = paths[5].read_bytes()
+    paths[5].write_bytes(full[: len(full) // 3])  # the index still calls it usable
+    dl = D.DaliPretrainLoader(samples, only(size=16), 4, index, options=CPU)
+    seen = []
+    for _ in dl.epoch(0):
+        assert dl.last_indices is not None
+        seen += dl.last_indices.tolist()
+    assert sorted(seen) == list(range(12))  # the sample keeps its place (next image's pixels)
+    assert not dl.usable[5] and dl.substituted == 1
+    assert sum(1 for _ in dl.epoch(1)) == 3
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def _coded_folder(root: Path, n: int) -> list[tuple[str, int]]:
+    """n solid-colour PNGs whose colour encodes the sample index."""
+    for i in range(n):
+        _save(root / "c" / f"{i:03d}.png", np.full((8, 10, 3), (10 * i, 255 - 10 * i, 77)))
+    samples, _ = scan_imagefolder(root)
+    return samples
+
+
+def _decoded_indices(v: torch.Tensor) -> list[int]:
+    return [round(float(r) / 10) for r in _uint8(v)[:, 4, 4, 0]]
+
+
+def test_two_ranks_see_every_sample_once_like_torchvision(tmp_path: Path) -> None:
+    samples = _coded_folder(tmp_path / "d", 22)
+    index = _index(samples, tmp_path / "d")
+    specs = only(size=8, scale=(1.0, 1.0))
+    per_rank: list[list[int]] = []
+    for rank in range(2):
+        dl = D.DaliPretrainLoader(samples, specs, 4, index, rank=rank, world=2, seed=5, options=CPU)
+        tl = PretrainLoader(samples, specs, 4, rank=rank, world=2, seed=5)
+        assert dl.steps_per_epoch == tl.steps_per_epoch == 2  # 11 per rank: drop 3
+        assert dl.indices(1) == tl.indices(1)
+        got = []
+        for v1, v2 in dl.epoch(1):
+            assert _decoded_indices(v1) == _decoded_indices(v2) == dl.last_indices.tolist()  # type: ignore[union-attr]
+            got += dl.last_indices.tolist()  # type: ignore[union-attr]
+        assert got == dl.indices(1)
+        per_rank.append(got)
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(per_rank[0]) + len(per_rank[1]) == 16  # 22 − 2 (uneven tail) − 2×3 (partial)
+    assert per_rank[0] != sorted(per_rank[0])  # shuffled
+
+
+def test_resume_mid_epoch_continues_with_the_same_samples_and_views(tmp_path: Path) -> None:
+    samples = _coded_folder(tmp_path / "d", 20)
+    index = _index(samples, tmp_path / "d")
+    specs = byol_views(8, 0.5)
+    dl = D.DaliPretrainLoader(samples, specs, 4, index, seed=2, options=CPU)
+    full = [(v1.clone(), v2.clone(), dl.last_indices) for v1, v2 in dl.epoch(3)]
+    resumed = D.DaliPretrainLoader(samples, specs, 4, index, seed=2, options=CPU)
+    tail = [(v1, v2, resumed.last_indices) for v1, v2 in resumed.epoch(3, start_batch=2)]
+    assert len(full) == 5 and len(tail) == 3
+    for (a1, a2, ai), (b1, b2, bi) in zip(full[2:], tail, strict=True):
+        assert torch.equal(ai, bi) and torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert list(resumed.epoch(3, start_batch=5)) == []
+    with pytest.raises(ValueError, match="start_batch"):
+        next(resumed.epoch(3, start_batch=6))
+
+
+def test_pipeline_reuse_and_abandoned_epochs(tmp_path: Path) -> None:
+    """An epoch consumed to its end reuses the pipeline; an abandoned one (the engine stops at
+    --max-steps) must not leak its prefetched batches into the next epoch."""
+    samples = _coded_folder(tmp_path / "d", 24)
+    index = _index(samples, tmp_path / "d")
+    specs = only(size=8, scale=(1.0, 1.0))
+    dl = D.DaliPretrainLoader(samples, specs, 4, index, options=CPU)
+    it = dl.epoch(0)
+    next(it)  # abandoned after one batch
+    got = [_decoded_indices(v1) for v1, _ in dl.epoch(1)]
+    assert sum(got, []) == dl.indices(1)
+    pipe = dl._runner.pipe
+    got = [_decoded_indices(v1) for v1, _ in dl.epoch(2)]
+    assert sum(got, []) == dl.indices(2) and dl._runner.pipe is pipe  # reused
+
+
+def test_epoch_length_and_too_few_images(tmp_path: Path) -> None:
+    samples = _coded_folder(tmp_path / "d", 10)
+    index = _index(samples, tmp_path / "d")
+    dl = D.DaliPretrainLoader(samples, only(size=8), 3, index, options=CPU)
+    assert dl.steps_per_epoch == PretrainLoader(samples, only(size=8), 3).steps_per_epoch == 3
+    from sslctl import UserError
+
+    with pytest.raises(UserError, match="fewer than one batch"):
+        D.DaliPretrainLoader(samples, only(size=8), 6, index, world=2, options=CPU)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_eval_pipelines_match_torchvision(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    for i in range(7):
+        w, h = (50, 37) if i % 2 else (31, 44)
+        rng = np.random.default_rng(i)
+        _save(root / f"c{i % 2}" / f"{i}.png", rng.integers(0, 256, (h, w, 3)))
+    samples, _ = scan_imagefolder(root)
+    index = _index(samples, root)
+    for spec in (linear_val(24, 28), reid(32, 16)):
+        ds = EvalDataset(samples, spec)
+        el = D.DaliEvalLoader(samples, spec, 3, index, options=CPU)
+        assert len(el) == 3
+        seen = []
+        for x, labels, idx in el:
+            ref = torch.stack([ds[i][0] for i in idx.tolist()])
+            assert x.shape == ref.shape == (len(idx), 3, spec.height, spec.width)
+            assert (x - ref).abs().mean() < 0.02, spec  # normalised units: < 1.2 levels
+            assert labels.tolist() == [samples[i][1] for i in idx.tolist()]
+            seen += idx.tolist()
+        assert seen == list(range(7))  # dataset order, last batch partial
+    sub = D.DaliEvalLoader(samples, reid(32, 16), 4, index, order=[6, 2, 4], options=CPU)
+    assert [i for _, _, idx in sub for i in idx.tolist()] == [6, 2, 4]
+
+
+def test_eval_random_crops_are_seeded_per_epoch(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _blocks(root / "c" / "a.png", size=48)
+    samples = [(str(root / "c" / "a.png"), 0)] * 16
+    index = _index(samples, root)
+    el = D.DaliEvalLoader(samples, linear_train(16), 16, index, options=CPU)
+    a = next(iter(el))[0]
+    b = next(iter(el))[0]
+    el.set_epoch(1)
+    c = next(iter(el))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (16, 3, 16, 16) and len({float(v.sum()) for v in a}) > 8
+
+
+def test_eval_refuses_unusable_files(tmp_path: Path) -> None:
+    samples = _odd_folder(tmp_path / "d")
+    index = _index(samples, tmp_path / "d")
+    with pytest.raises(DecodeError, match="unusable"):
+        D.DaliEvalLoader(samples, reid(16, 8), 4, index, options=CPU)
+    good = [i for i, u in enumerate(index.usable()) if u]
+    el = D.DaliEvalLoader(samples, reid(16, 8), 4, index, order=good, options=CPU)
+    assert sum(len(idx) for _, _, idx in el) == len(good)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_pretrain_end_to_end_through_dali_cpu(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for i in range(24):
+        _blocks(root / f"c{i % 2}" / f"{i}.png", size=40, seed=i)
+    sets = [
+        "data.backend=dali",
+        "train.batch_size=12",
+        "data.image_size=32",
+        "data.workers=1",
+        "model.proj_hidden=64",
+        "model.pred_hidden=64",
+        "model.proj_dim=32",
+    ]
+    res = api.pretrain("demo-cpu", tmp_path / "run", root, sets, fresh=True, max_steps=2)
+    assert res.fit.step == 2 and res.fit.checkpoint is not None and res.fit.checkpoint.is_file()
+    assert np.isfinite(res.fit.last_loss)
+    assert index_path(root).is_file()  # the preflight index was built and cached
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@gpu
+def test_gpu_views_match_cpu_views(tmp_path: Path) -> None:
+    img = _blocks(tmp_path / "b.png", size=48)
+    samples = [(str(img), 0)] * 16
+    index = _index(samples, tmp_path)
+    specs = byol_views(32, 0.2)
+    cpu = next(iter(D.DaliPretrainLoader(samples, specs, 16, index, options=CPU).epoch(0)))
+    opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
+    dl = D.DaliPretrainLoader(samples, specs, 16, index, options=opts)
+    g = next(iter(dl.epoch(0)))
+    for a, b in zip(cpu, g, strict=True):
+        assert b.is_cuda and b.dtype == torch.float32
+        assert (a - b.cpu()).abs().mean() < 0.03  # nvJPEG and GPU kernels round differently
+    half = D.DaliOptions(threads=2, gpu=True, half=True, device_id=torch.cuda.current_device())
+    h = next(iter(D.DaliPretrainLoader(samples, specs, 16, index, options=half).epoch(0)))
+    assert h[0].dtype == torch.float16 and (h[0].float() - g[0]).abs().max() < 0.02
+
+
+@gpu
+def test_gpu_eval_matches_cpu(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    for i in range(5):
+        _blocks(root / "c" / f"{i}.png", size=48, seed=i)
+    samples, _ = scan_imagefolder(root)
+    index = _index(samples, root)
+    opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
+    a = [x for x, _, _ in D.DaliEvalLoader(samples, linear_val(32, 40), 2, index, options=CPU)]
+    b = [x for x, _, _ in D.DaliEvalLoader(samples, linear_val(32, 40), 2, index, options=opts)]
+    for x, y in zip(a, b, strict=True):
+        assert y.is_cuda and (x - y.cpu()).abs().mean() < 0.02
