@@ -145,3 +145,18 @@ def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(fit_mod.TrainingHalted, match="non-finite for 2 steps"):
         run(tmp_path, cfg)
     assert checkpoint.resolve(tmp_path).step == 2
+
+
+def test_periodic_monitor_runs_every_n_epochs_and_logs(tmp_path):
+    cfg = small_cfg("eval.knn_every=2", "eval.knn_train=bundled", "eval.knn_val=bundled", "train.epochs=4")
+    calls = []
+
+    def monitor(backbone):
+        calls.append(backbone.training)
+        return {"knn_top1": 42.0, "knn_top5": 99.0}
+
+    loader = TensorLoader(48, cfg.train.batch_size)
+    fit(FitRequest(cfg, tmp_path, loader, "none", monitor=monitor), CPU)
+    assert len(calls) == 2  # after epochs 2 and 4
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "knn_top1" in r]
+    assert [r["epoch"] for r in recs] == [2, 4] and recs[0]["knn_top1"] == 42.0

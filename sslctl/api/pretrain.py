@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sslctl import UserError, checkpoint, config, dist, log
 from sslctl.backbones import infer_arch
@@ -81,6 +83,33 @@ def read_init_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     return w.state
 
 
+def knn_monitor(cfg: Config, di: dist.DistInfo) -> Callable[[nn.Module], dict[str, float]] | None:
+    """The eval.knn_every monitor: weighted kNN of the online backbone on a labelled set."""
+    e = cfg.eval
+    if e.knn_every <= 0:
+        return None
+    if not e.knn_train or not e.knn_val:
+        raise UserError(
+            "eval.knn_every needs eval.knn_train and eval.knn_val (labelled folders, or 'bundled')"
+        )
+    from sslctl.eval.knn import knn_monitor as run_knn
+
+    def monitor(backbone: nn.Module) -> dict[str, float]:
+        return run_knn(
+            backbone,
+            e.knn_train,
+            e.knn_val,
+            e.knn_k,
+            e.knn_temperature,
+            di.device,
+            batch_size=max(cfg.train.batch_size, 64),
+            image_size=cfg.data.image_size,
+            workers=cfg.data.workers,
+        )
+
+    return monitor
+
+
 def pretrain(
     profile: str,
     out: Path,
@@ -108,7 +137,9 @@ def pretrain(
             f"{cfg.train.accumulate}×{di.world_size} = "
             f"{cfg.train.batch_size * cfg.train.accumulate * di.world_size} per step)"
         )
-        req = FitRequest(cfg, out, loader, "none" if fresh else resume, max_steps, init)
+        req = FitRequest(
+            cfg, out, loader, "none" if fresh else resume, max_steps, init, knn_monitor(cfg, di)
+        )
         result = fit(req, di)
     finally:
         dist.shutdown()

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class FitRequest:
     resume: str = "auto"  # auto | none | a checkpoint path
     max_steps: int | None = None
     init_backbone: dict[str, torch.Tensor] | None = None  # init.weights, read by the caller
+    # Periodic evaluation (eval.knn_every epochs), given the online backbone; called on every rank.
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -353,6 +356,7 @@ class Trainer:
                 reason = self._epoch(stop_at, bar, task, flag)
                 if reason is None and self.pos.batch == 0:  # an epoch ended
                     saved = self.save()
+                    self._monitor()
             if reason is not None or saved is None or self._saved_step(saved) != self.pos.step:
                 saved = self.save()
         self.metrics.close()
@@ -367,6 +371,14 @@ class Trainer:
             self.rate,
             self.req.run_dir / "metrics.jsonl",
         )
+
+    def _monitor(self) -> None:
+        every = self.cfg.eval.knn_every
+        if self.req.monitor is None or every <= 0 or self.pos.epoch % every != 0:
+            return
+        res = self.req.monitor(self.method.online.encoder.backbone)
+        self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, **res})
+        log.info(f"epoch {self.pos.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
 
     def _write_status(self, stopped: str, saved: Path | None) -> None:
         """RUN/status.json: what a wrapper script (Slurm requeue) reads to decide what to do."""
