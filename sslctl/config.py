@@ -109,8 +109,8 @@ class InitCfg:
 @dataclass(frozen=True)
 class EvalCfg:
     knn_every: int = 0  # kNN monitor every N epochs (0 = off)
-    knn_train: str = ""  # labelled folder of the kNN memory bank
-    knn_val: str = ""  # labelled folder of the kNN queries
+    knn_train: str = ""  # labelled folder of the kNN memory bank ("bundled": the demo set's)
+    knn_val: str = ""  # labelled folder of the kNN queries ("bundled": the demo set's)
     knn_k: int = 20
     knn_temperature: float = 0.07
 
@@ -332,6 +332,14 @@ def validate(cfg: Config, source: str) -> None:
         "method.*_res_min must be <= *_res_max",
     )
     need(cfg.ckpt.keep_last >= 1, "ckpt.keep_last must be >= 1")
+    need(
+        cfg.eval.knn_every == 0 or bool(cfg.eval.knn_train and cfg.eval.knn_val),
+        "eval.knn_every needs eval.knn_train and eval.knn_val (labelled ImageFolder trees, or "
+        "'bundled' for the demo set)",
+    )
+    need(
+        cfg.eval.knn_k >= 1 and cfg.eval.knn_temperature > 0, "eval.knn_k >= 1, knn_temperature > 0"
+    )
     need_n = cfg.loss.drop_nearest + cfg.loss.keep + 1
     need(
         cfg.method.name != "triplet" or cfg.train.batch_size >= need_n,

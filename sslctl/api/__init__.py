@@ -8,6 +8,8 @@ from sslctl.api.convert_detectron import ConvertDetectronResult, convert_detectr
 from sslctl.api.data_check import DataCheckResult, data_check
 from sslctl.api.eval_reid import EvalReidOptions, EvalReidResult, eval_reid
 from sslctl.api.extract import ExtractResult, extract
+from sslctl.api.knn_eval import KnnEvalOptions, KnnEvalResult, knn_eval
+from sslctl.api.linear_eval import LinearEvalOptions, LinearEvalResult, linear_eval
 from sslctl.api.pretrain import PretrainResult, pretrain
 
 __all__ = [
@@ -16,10 +18,16 @@ __all__ = [
     "EvalReidOptions",
     "EvalReidResult",
     "ExtractResult",
+    "KnnEvalOptions",
+    "KnnEvalResult",
+    "LinearEvalOptions",
+    "LinearEvalResult",
     "PretrainResult",
     "convert_detectron",
     "data_check",
     "eval_reid",
     "extract",
+    "knn_eval",
+    "linear_eval",
     "pretrain",
 ]

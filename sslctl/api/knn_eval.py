@@ -1,0 +1,118 @@
+"""``sslctl knn-eval``: weighted kNN (cosine, top-k, exp(sim/T) votes) on cached features.
+
+The features are those of ``linear-eval --protocol cached`` (centre crop, val transform for both
+splits, the same cache key), so with a shared ``--cache-dir`` either command re-uses the other's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sslctl
+from sslctl import UserError, config, dist, log
+from sslctl.api.linear_eval import (
+    Backbone,
+    default_profile,
+    load_weights,
+    random_backbone,
+    say_unchanged,
+    split_features,
+    write_results,
+)
+from sslctl.api.pretrain import check_run_dir
+from sslctl.config import LinearConfig
+from sslctl.eval.cache import state_digest
+from sslctl.eval.knn import knn_accuracy
+from sslctl.eval.linear import to_device_if_fits
+from sslctl.eval.splits import Splits, resolve_splits
+
+
+@dataclass(frozen=True)
+class KnnEvalOptions:
+    weights: Path
+    data: str | None = None
+    train: Path | None = None
+    val: Path | None = None
+    k: int | None = None  # None: the profile's knn.k
+    temperature: float | None = None
+    profile: str | None = None  # None: linear-demo-cpu for --data bundled, else linear-r50
+    out: Path = Path("runs/knn")
+    sets: tuple[str, ...] = ()
+    compare_random: bool = False
+    part: str = "online"
+    cache_dir: Path | None = None
+    recompute: bool = False
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class KnnEvalResult:
+    results: dict[str, Any]  # the content of results.json ({} on ranks other than 0)
+    results_path: Path | None
+
+
+def _one(
+    o: KnnEvalOptions, cfg: LinearConfig, splits: Splits, bb: Backbone, di: dist.DistInfo
+) -> dict[str, Any]:
+    cache_dir = o.cache_dir or (Path(cfg.cached.cache_dir) if cfg.cached.cache_dir else None)
+    train, val, hit = split_features(cfg, splits, bb, di, cache_dir or o.out / "cache", o.recompute)
+    unchanged = state_digest(bb.net.state_dict()) == bb.digest
+    if not di.is_main:
+        return {}
+    say_unchanged(bb, unchanged)
+    kc = cfg.knn
+    bank = to_device_if_fits(train[0], di.device)
+    acc = knn_accuracy(
+        bank, train[1], val[0], val[1], splits.num_classes, kc.k, kc.temperature, kc.chunk
+    )
+    return {**acc, "features_from_cache": hit, "backbone_unchanged": unchanged}
+
+
+def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
+    sets = list(o.sets)
+    if o.k is not None:
+        sets.append(f"knn.k={o.k}")
+    if o.temperature is not None:
+        sets.append(f"knn.temperature={o.temperature}")
+    profile = o.profile or default_profile(o.data)
+    cfg = config.load_linear(profile, sets)
+    splits = resolve_splits(o.data, o.train, o.val)
+    if cfg.knn.k > len(splits.train):
+        raise UserError(f"--k {cfg.knn.k} exceeds the {len(splits.train)} training images")
+    learned = load_weights(o.weights, o.part)
+    check_run_dir(o.out, False)
+    di = dist.init(o.device)
+    try:
+        t0 = time.perf_counter()
+        results = {"protocol": "knn", **_one(o, cfg, splits, learned, di)}
+        if o.compare_random:
+            results["random_init"] = _one(o, cfg, splits, random_backbone(learned), di)
+        if not di.is_main:
+            return KnnEvalResult({}, None)
+        results.update(
+            k=cfg.knn.k,
+            temperature=cfg.knn.temperature,
+            weights=str(o.weights),
+            weights_sha256=learned.digest,
+            arch=learned.arch,
+            num_classes=splits.num_classes,
+            train=splits.train_source,
+            val=splits.val_source,
+            train_images=len(splits.train),
+            val_images=len(splits.val),
+            profile=profile,
+            image_size=cfg.data.image_size,
+            resize=cfg.data.resize,
+            world_size=di.world_size,
+            seconds=time.perf_counter() - t0,
+            sslctl_version=sslctl.__version__,
+        )
+        log.info(f"kNN k={cfg.knn.k} T={cfg.knn.temperature}: top-1 {results['top1']:.2f}%")
+        path = o.out / "results.json"
+        write_results(path, results)
+        return KnnEvalResult(results, path)
+    finally:
+        dist.shutdown()

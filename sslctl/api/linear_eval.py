@@ -1,0 +1,268 @@
+"""``sslctl linear-eval``: the SPEC §3 protocol, or the fast probe on cached features.
+
+Flow: profile (kind linear-eval) → labelled splits (checked) → backbone (any weights file
+read_backbone accepts; its tensors hashed at load) → torchrun/one process →
+- ``standard``: StandardProbe in OUT (checkpoints/, metrics.jsonl; a rerun resumes);
+- ``cached``: centre-crop features of train and val (val transform for both) extracted once and
+  cached (OUT/cache or --cache-dir, keyed by weights + listing + transform + precision), then a
+  linear head on the standardised features and weighted kNN on the same features;
+→ the backbone's tensors hashed again (must be bit-identical) → OUT/results.json.
+``compare_random`` repeats everything for a seeded random initialisation of the same
+architecture (standard: in OUT/random_init/) and stores it under ``random_init``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+import sslctl
+from sslctl import UserError, checkpoint, config, dist, log
+from sslctl.api.pretrain import check_run_dir
+from sslctl.backbones import build_backbone, infer_arch, load_backbone
+from sslctl.config import LinearConfig
+from sslctl.convert.weights import read_backbone
+from sslctl.data.views import linear_val
+from sslctl.eval.cache import cached_features, state_digest
+from sslctl.eval.knn import knn_accuracy
+from sslctl.eval.linear import ProbeResult, StandardProbe, to_device_if_fits, train_cached_head
+from sslctl.eval.splits import Splits, resolve_splits
+
+PROTOCOLS = ("standard", "cached")
+RANDOM_SEED = 0  # the random-init baseline is the same network every time (and cacheable)
+PROXY_NOTE = (
+    "fast proxy, not the SPEC §3 protocol: a linear head on standardised centre-crop features "
+    "(val transform for train and val), extracted once and cached"
+)
+
+
+@dataclass(frozen=True)
+class LinearEvalOptions:
+    weights: Path
+    data: str | None = None  # ROOT with train/ and val/, or "bundled"
+    train: Path | None = None  # folder or list file (instead of ROOT/train)
+    val: Path | None = None
+    profile: str | None = None  # None: linear-demo-cpu for --data bundled, else linear-r50
+    out: Path = Path("runs/linear")
+    protocol: str = "standard"  # standard | cached
+    sets: tuple[str, ...] = ()
+    compare_random: bool = False
+    part: str = "online"  # online | target backbone of an sslctl checkpoint
+    fresh: bool = False  # refuse to continue a run found in out
+    cache_dir: Path | None = None  # cached features (default: cached.cache_dir or OUT/cache)
+    recompute: bool = False  # ignore cached features
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LinearEvalResult:
+    results: dict[str, Any]  # the content of results.json ({} on ranks other than 0)
+    results_path: Path | None
+    stopped: str  # done | signal (a rerun continues)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    net: nn.Module
+    arch: str
+    small_stem: bool
+    digest: str  # state_digest at load
+    label: str  # what the user gave, or "random init (seed 0)"
+
+
+def default_profile(data: str | None) -> str:
+    """The bundled demo images are 48 px: their profile evaluates at 40 px, not ImageNet's 224."""
+    return "linear-demo-cpu" if data == "bundled" else "linear-r50"
+
+
+def load_weights(path: Path, part: str = "online") -> Backbone:
+    w = read_backbone(Path(path), part)
+    net, arch = load_backbone(w.state, str(path))
+    small = infer_arch(w.state)[1]
+    log.info(f"weights: {path} ({w.source_kind}, {arch}{', small stem' if small else ''})")
+    return Backbone(net, arch, small, state_digest(net.state_dict()), str(path))
+
+
+def random_backbone(like: Backbone, seed: int = RANDOM_SEED) -> Backbone:
+    """The same architecture, randomly initialised by torchvision's init from a fixed seed."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    net = build_backbone(like.arch, small_stem=like.small_stem)
+    torch.random.set_rng_state(state)
+    return Backbone(
+        net,
+        like.arch,
+        like.small_stem,
+        state_digest(net.state_dict()),
+        f"random init (seed {seed})",
+    )
+
+
+def feature_precision(cfg: LinearConfig, device: torch.device) -> str:
+    """Extraction precision: bf16 autocast on GPU unless the profile says fp32; fp32 on CPU."""
+    return "bf16" if device.type == "cuda" and cfg.linear.precision != "fp32" else "fp32"
+
+
+def split_features(
+    cfg: LinearConfig,
+    splits: Splits,
+    bb: Backbone,
+    di: dist.DistInfo,
+    cache_dir: Path,
+    recompute: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], bool]:
+    """((train feats, labels), (val feats, labels), both from the cache) — rank 0 holds them."""
+    spec = linear_val(cfg.data.image_size, cfg.data.resize)
+    common: dict[str, Any] = dict(
+        weights_digest=bb.digest,
+        cache_dir=cache_dir,
+        batch_size=cfg.data.eval_batch_size,
+        device=di.device,
+        precision=feature_precision(cfg, di.device),
+        workers=cfg.data.workers,
+        recompute=recompute,
+    )
+    ft, yt, hit_t = cached_features(bb.net, splits.train, spec, name="train", **common)
+    fv, yv, hit_v = cached_features(bb.net, splits.val, spec, name="val", **common)
+    return (ft, yt), (fv, yv), hit_t and hit_v
+
+
+def _probe_summary(r: ProbeResult) -> dict[str, Any]:
+    return {
+        "top1": r.top1,
+        "top5": r.top5,
+        "best_top1": r.best_top1,
+        "best_epoch": r.best_epoch,
+        "epochs": r.epochs,
+        "backbone_unchanged": r.backbone_unchanged,
+        "history": r.history,
+    }
+
+
+def say_unchanged(bb: Backbone, unchanged: bool) -> None:
+    if unchanged:
+        log.info(
+            f"backbone check: every weight and BN buffer of {bb.label} is bit-identical to the "
+            "loaded one (sha256)"
+        )
+    else:
+        log.warn(f"backbone check FAILED: the tensors of {bb.label} changed during evaluation")
+
+
+def _standard(
+    o: LinearEvalOptions,
+    cfg: LinearConfig,
+    splits: Splits,
+    bb: Backbone,
+    di: dist.DistInfo,
+    baseline: bool,
+) -> tuple[dict[str, Any], str]:
+    run_dir = o.out / "random_init" if baseline else o.out
+    meta = {"arch": bb.arch, "weights": bb.label}
+    probe = StandardProbe(cfg, bb.net, splits, run_dir, di, meta)
+    r = probe.run("linear-eval (random init)" if baseline else "linear-eval")
+    if r.stopped == "done":
+        say_unchanged(bb, r.backbone_unchanged)
+    return {"protocol": "standard", **_probe_summary(r)}, r.stopped
+
+
+def _cached(
+    o: LinearEvalOptions,
+    cfg: LinearConfig,
+    splits: Splits,
+    bb: Backbone,
+    di: dist.DistInfo,
+    baseline: bool,
+) -> tuple[dict[str, Any], str]:
+    cache_dir = o.cache_dir or (Path(cfg.cached.cache_dir) if cfg.cached.cache_dir else None)
+    train, val, hit = split_features(cfg, splits, bb, di, cache_dir or o.out / "cache", o.recompute)
+    unchanged = state_digest(bb.net.state_dict()) == bb.digest
+    if not di.is_main:
+        return {}, "done"
+    say_unchanged(bb, unchanged)
+    k = cfg.knn
+    bank = to_device_if_fits(train[0], di.device)
+    knn = knn_accuracy(
+        bank, train[1], val[0], val[1], splits.num_classes, k.k, k.temperature, k.chunk
+    )
+    del bank
+    run_dir = o.out / "random_init" if baseline else o.out
+    metrics = log.MetricsWriter(run_dir / "metrics.jsonl")
+    desc = "cached probe (random init)" if baseline else "cached probe"
+    n, seed = splits.num_classes, cfg.linear.seed
+    r = train_cached_head(train, val, n, cfg.cached, di.device, seed, metrics, desc)
+    metrics.close()
+    out = {"protocol": "cached", **_probe_summary(r), "backbone_unchanged": unchanged}
+    out.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_k=k.k, knn_temperature=k.temperature)
+    return {**out, "features_from_cache": hit, "note": PROXY_NOTE}, "done"
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    text = json.dumps(results, indent=2) + "\n"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    checkpoint.atomic_write(path, write)
+
+
+def _context(
+    o: LinearEvalOptions, profile: str, cfg: LinearConfig, splits: Splits, bb: Backbone
+) -> dict:
+    return {
+        "weights": str(o.weights),
+        "weights_sha256": bb.digest,
+        "arch": bb.arch,
+        "small_stem": bb.small_stem,
+        "num_classes": splits.num_classes,
+        "train": splits.train_source,
+        "val": splits.val_source,
+        "train_images": len(splits.train),
+        "val_images": len(splits.val),
+        "profile": profile,
+        "config": cfg.to_dict(),
+        "world_size": dist.world_size(),
+        "sslctl_version": sslctl.__version__,
+    }
+
+
+def linear_eval(o: LinearEvalOptions) -> LinearEvalResult:
+    """Evaluate a backbone with a linear head; see the module doc."""
+    if o.protocol not in PROTOCOLS:
+        raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{o.protocol}'")
+    profile = o.profile or default_profile(o.data)
+    cfg = config.load_linear(profile, list(o.sets))
+    splits = resolve_splits(o.data, o.train, o.val)
+    learned = load_weights(o.weights, o.part)
+    check_run_dir(o.out, o.fresh)
+    di = dist.init(o.device)
+    try:
+        if di.is_main:
+            (o.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.info(
+            f"linear-eval ({o.protocol}) of {learned.arch} on {splits.train_source} "
+            f"({len(splits.train)} images) / {splits.val_source} ({len(splits.val)}), "
+            f"{splits.num_classes} classes → {o.out} ({di.world_size} process(es), {di.device.type})"
+        )
+        run = _standard if o.protocol == "standard" else _cached
+        t0 = time.perf_counter()
+        results, stopped = run(o, cfg, splits, learned, di, False)
+        if stopped == "done" and o.compare_random:
+            rnd, stopped = run(o, cfg, splits, random_backbone(learned), di, True)
+            results["random_init"] = rnd
+        if not di.is_main or stopped != "done":
+            return LinearEvalResult({}, None, stopped)
+        results = {**results, **_context(o, profile, cfg, splits, learned)}
+        results["seconds"] = time.perf_counter() - t0
+        path = o.out / "results.json"
+        write_results(path, results)
+        return LinearEvalResult(results, path, stopped)
+    finally:
+        dist.shutdown()

@@ -1,0 +1,70 @@
+"""``sslctl knn-eval``: weighted k-nearest-neighbour classification of frozen features."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sslctl import api
+from sslctl.cli.common import out_console, user_errors
+from sslctl.cli.linear_eval import OPTION_HELP
+
+HELP = (
+    "Weighted kNN evaluation (InstDisc/DINO): each val image's k most cosine-similar training "
+    "images vote for their class with weight exp(sim/T); top-1/top-5. Centre-crop features, "
+    "extracted once and cached (OUT/cache or --cache-dir; the same cache as linear-eval "
+    "--protocol cached). Writes OUT/results.json."
+)
+Opt = typer.Option
+
+
+def results_table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"weighted kNN (k={r['k']}, T={r['temperature']}, {r['arch']})")
+    t.add_column("backbone", style="bold")
+    t.add_column("top-1 %", justify="right")
+    t.add_column("top-5 %", justify="right")
+    t.add_row("learned", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
+    if "random_init" in r:
+        rnd = r["random_init"]
+        t.add_row("random init", f"{rnd['top1']:.2f}", f"{rnd['top5']:.2f}")
+    return t
+
+
+@user_errors
+def command(
+    weights: Annotated[Path, typer.Argument(help=OPTION_HELP["weights"])],
+    data: Annotated[str | None, Opt(help=OPTION_HELP["data"])] = None,
+    train: Annotated[Path | None, Opt(help=f"memory bank split: {OPTION_HELP['split']}")] = None,
+    val: Annotated[Path | None, Opt(help=f"query split: {OPTION_HELP['split']}")] = None,
+    k: Annotated[int | None, Opt(help="neighbours (default: the profile's knn.k, 20)")] = None,
+    temperature: Annotated[
+        float | None, Opt(help="vote temperature (default: the profile's knn.temperature, 0.07)")
+    ] = None,
+    profile: Annotated[str | None, Opt(help=OPTION_HELP["profile"])] = None,
+    out: Annotated[Path, Opt(help="results.json and cache/")] = Path("runs/knn"),
+    set_: Annotated[list[str] | None, Opt("--set", help="override a profile key")] = None,
+    compare_random: Annotated[bool, Opt(help=OPTION_HELP["random"])] = False,
+    part: Annotated[str, Opt(help="online | target backbone of an sslctl checkpoint")] = "online",
+    cache_dir: Annotated[Path | None, Opt(help="cached features (default: OUT/cache)")] = None,
+    recompute: Annotated[bool, Opt(help="ignore cached features")] = False,
+    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
+    nproc_per_node: Annotated[int, Opt(help=OPTION_HELP["nproc"])] = 0,
+) -> None:
+    if nproc_per_node > 0:
+        from sslctl.cli.launch import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
+    opts = api.KnnEvalOptions(
+        weights=weights, data=data, train=train, val=val, k=k, temperature=temperature,
+        profile=profile, out=out, sets=tuple(set_ or ()), compare_random=compare_random,
+        part=part, cache_dir=cache_dir, recompute=recompute, device=device,
+    )  # fmt: skip
+    res = api.knn_eval(opts)
+    if not res.results:  # ranks other than 0 under torchrun
+        return
+    out_console.print(results_table(res.results))
+    out_console.print(f"results: {res.results_path}")

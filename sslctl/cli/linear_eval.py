@@ -1,0 +1,101 @@
+"""``sslctl linear-eval``: the SPEC §3 linear evaluation (or the cached-feature proxy)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sslctl import api
+from sslctl.cli.common import out_console, user_errors
+
+HELP = (
+    "Linear evaluation of a frozen backbone (SPEC §3): --protocol standard trains Linear(feat, "
+    "classes) on RandomResizedCrop+flip views with SGD, warm-up + cosine, top-1/top-5 every "
+    "epoch (DDP with --nproc-per-node, AMP, resumes from OUT/checkpoints). --protocol cached is "
+    "a fast proxy: centre-crop features extracted once and cached (OUT/cache or --cache-dir), "
+    "then a head on the standardised features, plus weighted kNN. --data ROOT needs ROOT/train "
+    "and ROOT/val; --data bundled is the demo set. Writes OUT/results.json."
+)
+
+EXIT_PREEMPTED = 3
+Opt = typer.Option
+OPTION_HELP = {
+    "weights": "checkpoint (file, run dir, …/last), extracted backbone or torchvision .pth",
+    "data": "root with train/ and val/ (ImageFolder), or 'bundled' (the demo digits)",
+    "split": "folder or list file of 'relative/path label' lines (relative to --data)",
+    "profile": "linear-eval profile (see `sslctl profiles`) or YAML file "
+    "(default: linear-demo-cpu for --data bundled, else linear-r50)",
+    "random": "also evaluate a seeded random initialisation of the same architecture",
+    "fresh": "start from scratch; refuse if --out already holds checkpoints",
+    "nproc": "launch N processes with torchrun (DDP); 0 = this process only",
+}
+
+
+def _row(t: Table, name: str, r: dict[str, Any], cached: bool) -> None:
+    cells = [f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['best_top1']:.2f}"]
+    if cached:
+        cells.append(f"{r['knn_top1']:.2f}")
+    t.add_row(name, *cells, "yes" if r["backbone_unchanged"] else "NO")
+
+
+def results_table(r: dict[str, Any]) -> Table:
+    cached = r["protocol"] == "cached"
+    what = "cached-feature proxy" if cached else "standard protocol, SPEC §3"
+    t = Table(title=f"linear evaluation ({what}, {r['epochs']} epochs, {r['arch']})")
+    t.add_column("backbone", style="bold")
+    for col in ("top-1 %", "top-5 %", "best top-1 %", *(["kNN top-1 %"] if cached else [])):
+        t.add_column(col, justify="right")
+    t.add_column("backbone unchanged")
+    _row(t, "learned", r, cached)
+    if "random_init" in r:
+        _row(t, "random init", r["random_init"], cached)
+    return t
+
+
+@user_errors
+def command(
+    weights: Annotated[Path, typer.Argument(help=OPTION_HELP["weights"])],
+    data: Annotated[str | None, Opt(help=OPTION_HELP["data"])] = None,
+    train: Annotated[Path | None, Opt(help=f"training split: {OPTION_HELP['split']}")] = None,
+    val: Annotated[Path | None, Opt(help=f"validation split: {OPTION_HELP['split']}")] = None,
+    profile: Annotated[str | None, Opt(help=OPTION_HELP["profile"])] = None,
+    out: Annotated[Path, Opt(help="run directory (results.json, metrics.jsonl, …)")] = Path(
+        "runs/linear"
+    ),
+    protocol: Annotated[str, Opt(help="standard (SPEC §3) | cached (fast proxy)")] = "standard",
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="override a profile key: --set linear.lr=0.15")
+    ] = None,
+    compare_random: Annotated[bool, Opt(help=OPTION_HELP["random"])] = False,
+    part: Annotated[str, Opt(help="online | target backbone of an sslctl checkpoint")] = "online",
+    fresh: Annotated[bool, Opt(help=OPTION_HELP["fresh"])] = False,
+    cache_dir: Annotated[Path | None, Opt(help="cached features (default: OUT/cache)")] = None,
+    recompute: Annotated[bool, Opt(help="ignore cached features")] = False,
+    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
+    nproc_per_node: Annotated[int, Opt(help=OPTION_HELP["nproc"])] = 0,
+) -> None:
+    if nproc_per_node > 0:
+        from sslctl.cli.launch import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
+    opts = api.LinearEvalOptions(
+        weights=weights, data=data, train=train, val=val, profile=profile, out=out,
+        protocol=protocol, sets=tuple(set_ or ()), compare_random=compare_random, part=part,
+        fresh=fresh, cache_dir=cache_dir, recompute=recompute, device=device,
+    )  # fmt: skip
+    res = api.linear_eval(opts)
+    if res.stopped == "signal":
+        if int(os.environ.get("RANK", "0")) == 0:
+            out_console.print("linear-eval stopped by a signal (checkpointed); rerun to continue")
+        raise typer.Exit(EXIT_PREEMPTED)
+    if not res.results:  # ranks other than 0 under torchrun
+        return
+    out_console.print(results_table(res.results))
+    if res.results["protocol"] == "cached":
+        out_console.print(f"note: {res.results['note']}")
+    out_console.print(f"results: {res.results_path}")
