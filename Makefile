@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up + pre-train on the bundled data) and `make test` (set up + tests).
+# Quick start: `make demo` (set up + pre-train on the bundled data + kNN/linear probe vs random init) and `make test` (set up + tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sslctl-installed
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,dali]'
 	touch $(STAMP)
 
+# Pre-train on the bundled data, then kNN + a linear probe of the learned backbone next to a
+# randomly initialised one (cached-feature protocol). Rerunning continues / reuses both runs.
 demo: setup
 	$(VENV)/bin/sslctl pretrain --profile demo-cpu --out runs/demo
+	$(VENV)/bin/sslctl linear-eval runs/demo --data bundled --protocol cached --compare-random --out runs/demo-eval
 
 test: setup
 	$(VENV)/bin/ruff check sslctl tests benchmarks
