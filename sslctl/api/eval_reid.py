@@ -25,6 +25,7 @@ from sslctl.convert.weights import read_backbone
 from sslctl.eval import reid_features as rf
 from sslctl.eval import reid_layouts as rl
 from sslctl.eval import reid_metrics as rmx
+from sslctl.eval.cache import state_digest
 from sslctl.eval.features import FUSIONS, extract_features_and_labels
 from sslctl.eval.reid_plot import save_cmc_plot
 
@@ -101,16 +102,6 @@ def _resolve(o: EvalReidOptions) -> EvalReidOptions:
     return o
 
 
-def _state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """Hash of the backbone tensors themselves: the same weights in any file format agree."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _report_labels(layout: str, q: Any, g: Any) -> None:
     lines, warnings = rl.describe(layout, q.ids, q.cams, g.ids, g.cams)
     for line in lines:
@@ -173,7 +164,7 @@ def _load_model(o: EvalReidOptions) -> tuple[torch.nn.Module, str]:
     bw = read_backbone(o.weights, o.part)
     model, arch = load_backbone(bw.state, str(o.weights))
     log.info(f"weights: {o.weights} ({bw.source_kind}, {arch})")
-    return model, _state_sha256(bw.state)
+    return model, state_digest(bw.state)
 
 
 @dataclass(frozen=True)

@@ -50,16 +50,18 @@ def knn_scores(
     return out
 
 
+def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits] of a batch (float64; top-5 = top-C for fewer than 5 classes)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).double()
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """top1 / top5 in percent (top5 = top-C when there are fewer than 5 classes)."""
-    labels = labels.to(scores.device, torch.int64)
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
+    hits = correct_counts(scores, labels.to(scores.device, torch.int64))
     n = max(labels.shape[0], 1)
-    return {
-        "top1": 100.0 * float(hit[:, 0].sum()) / n,
-        "top5": 100.0 * float(hit.any(dim=1).sum()) / n,
-    }
+    return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
 
 
 def knn_accuracy(

@@ -34,6 +34,7 @@ from sslctl.engine.preempt import StopFlag
 from sslctl.engine.schedules import warmup_cosine
 from sslctl.eval.cache import state_digest
 from sslctl.eval.features import shard_range
+from sslctl.eval.knn import correct_counts
 from sslctl.eval.splits import Splits
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -57,13 +58,6 @@ def make_head(dim: int, classes: int, seed: int) -> nn.Linear:
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
         head.bias.zero_()
     return head
-
-
-def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[top-1 hits, top-5 hits] of a batch (float64; top-5 = top-C for fewer than 5 classes)."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
-    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).double()
 
 
 class SeededViews(Dataset):
