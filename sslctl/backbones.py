@@ -1,4 +1,5 @@
-"""ResNet-18/34/50/101 backbones in the torchvision layout (key names), without the fc head.
+"""Backbones without a classifier head: ResNet-18/34/50/101 in the torchvision layout (key
+names), and ``convnet4``, a small plain CNN for CPU demos.
 
 ``forward`` returns the global-average-pooled features of the last stage (n×feature_dim).
 """
@@ -20,26 +21,70 @@ _BUILDERS: dict[str, tuple[Callable[..., models.ResNet], int]] = {
     "resnet50": (models.resnet50, 2048),
     "resnet101": (models.resnet101, 2048),
 }
-ARCHS = tuple(_BUILDERS)
+RESNETS = tuple(_BUILDERS)
+CONVNET4_WIDTHS = (32, 64, 128, 256)
+ARCHS = (*RESNETS, "convnet4")
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    stage = nn.Sequential()
+    stage.add_module("conv", conv)
+    stage.add_module("bn", nn.BatchNorm2d(c_out))
+    stage.add_module("relu", nn.ReLU(inplace=True))
+    return stage
+
+
+class ConvNet4(nn.Module):
+    """Four 3×3 conv–BN–ReLU stages (widths 32, 64, 128, 256), 2×2 max-pool between them,
+    global average pool. ~0.4 M parameters: the backbone of the CPU demo, where a ResNet
+    learns too slowly on 2 cores to show anything in minutes (BENCHMARKS.md).
+
+    Keys: ``stage{1..4}.conv.weight``, ``stage{1..4}.bn.*``. Not a torchvision model; only
+    sslctl loads it (detectron2 conversion refuses it).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        w1, w2, w3, w4 = CONVNET4_WIDTHS
+        self.stage1 = _conv_bn_relu(3, w1)
+        self.stage2 = _conv_bn_relu(w1, w2)
+        self.stage3 = _conv_bn_relu(w2, w3)
+        self.stage4 = _conv_bn_relu(w3, w4)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stage1(x))
+        x = self.pool(self.stage2(x))
+        x = self.pool(self.stage3(x))
+        x = self.stage4(x)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
 def feature_dim(arch: str) -> int:
     _check(arch)
-    return _BUILDERS[arch][1]
+    return CONVNET4_WIDTHS[-1] if arch == "convnet4" else _BUILDERS[arch][1]
 
 
 def _check(arch: str) -> None:
-    if arch not in _BUILDERS:
+    if arch not in ARCHS:
         raise UserError(f"unknown backbone '{arch}' (known: {', '.join(ARCHS)})")
 
 
-def build_backbone(arch: str, small_stem: bool = False) -> models.ResNet:
-    """A randomly initialised torchvision ResNet with ``fc = Identity``.
+def build_backbone(arch: str, small_stem: bool = False) -> nn.Module:
+    """A randomly initialised backbone: a torchvision ResNet with ``fc = Identity``, or
+    :class:`ConvNet4`.
 
-    ``small_stem`` replaces the 7×7/2 stem and max-pool with a 3×3/1 convolution (CIFAR-style),
-    keeping the key ``conv1.weight`` so that the state dict still uses torchvision names.
+    ``small_stem`` replaces the ResNet's 7×7/2 stem and max-pool with a 3×3/1 convolution
+    (CIFAR-style), keeping the key ``conv1.weight`` so that the state dict still uses
+    torchvision names. It has no meaning for ``convnet4`` (an error).
     """
     _check(arch)
+    if arch == "convnet4":
+        if small_stem:
+            raise UserError("model.small_stem applies to ResNets only; convnet4 has no stem")
+        return ConvNet4()
     net = _BUILDERS[arch][0](weights=None)
     if small_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -50,10 +95,23 @@ def build_backbone(arch: str, small_stem: bool = False) -> models.ResNet:
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
-    """(arch, small_stem) of a torchvision-named ResNet state dict, from its block counts."""
+    """(arch, small_stem) of a backbone state dict: a torchvision-named ResNet (from its block
+    counts) or a ConvNet4 (from its stage widths)."""
+    if "stage1.conv.weight" in state:
+        widths = tuple(
+            int(state[f"stage{i}.conv.weight"].shape[0]) if f"stage{i}.conv.weight" in state else 0
+            for i in (1, 2, 3, 4)
+        )
+        if widths != CONVNET4_WIDTHS or "stage5.conv.weight" in state:
+            raise UserError(
+                f"unsupported plain-CNN layout: stage widths {widths} (convnet4 has "
+                f"{CONVNET4_WIDTHS})"
+            )
+        return "convnet4", False
     if "conv1.weight" not in state or "layer4.0.conv1.weight" not in state:
         raise UserError(
-            "no ResNet backbone found (expected keys conv1.weight, layer4.0.conv1.weight…)"
+            "no backbone found (expected a ResNet's conv1.weight, layer4.0.conv1.weight… or "
+            "convnet4's stage1.conv.weight…)"
         )
     blocks = {
         i: len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)
@@ -73,7 +131,7 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     return arch, small
 
 
-def load_backbone(state: dict[str, torch.Tensor], source: str) -> tuple[models.ResNet, str]:
+def load_backbone(state: dict[str, torch.Tensor], source: str) -> tuple[nn.Module, str]:
     """Build the matching backbone and load ``state`` strictly (fc.* ignored). Returns (net, arch)."""
     arch, small = infer_arch(state)
     net = build_backbone(arch, small_stem=small)

@@ -58,9 +58,9 @@ class LossCfg:
 
 @dataclass(frozen=True)
 class OptimCfg:
-    name: str = "lars"  # lars | sgd
+    name: str = "lars"  # lars | sgd | adamw (decoupled weight decay)
     lr: float = 4.8
-    momentum: float = 0.9
+    momentum: float = 0.9  # adamw: β1 (β2 = 0.999)
     weight_decay: float = 1e-6
     trust_coef: float = 0.001
     warmup_epochs: float = 10.0
@@ -205,10 +205,10 @@ KINDS = ("pretrain", "linear-eval")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("triplet", "byol"),
-    "optim.name": ("lars", "sgd"),
+    "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("fp16", "bf16", "fp32"),
     "data.backend": ("auto", "torchvision", "dali"),
-    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "convnet4"),
     "linear.precision": ("fp16", "bf16", "fp32"),
 }
 
@@ -319,6 +319,10 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.train.batch_size >= 1, "train.batch_size must be >= 1")
     need(cfg.train.accumulate >= 1, "train.accumulate must be >= 1")
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(
+        not (cfg.model.arch == "convnet4" and cfg.model.small_stem),
+        "model.small_stem applies to ResNets only; set it to false for convnet4",
+    )
     need(cfg.loss.gamma > 0.0, "loss.gamma must be > 0")
     need(
         cfg.loss.drop_nearest >= 0 and cfg.loss.keep >= 1, "loss.drop_nearest >= 0, loss.keep >= 1"

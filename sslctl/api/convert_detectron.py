@@ -40,6 +40,11 @@ def convert_detectron(
     weights = read_backbone(Path(source), part)
     origin = weights.meta.get("source", str(source))
     bb = as_torchvision(weights.state, origin)
+    if bb.arch not in d2.LAYOUTS:
+        raise UserError(
+            f"{origin}: a {bb.arch} backbone (sslctl's small demo CNN, not a ResNet); detectron2 "
+            f"has no such backbone, only {', '.join(d2.LAYOUTS)} convert"
+        )
     if bb.small_stem:
         raise UserError(
             f"{origin}: this {bb.arch} has the 3x3 small-image stem; detectron2's ResNet stem is "

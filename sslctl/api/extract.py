@@ -26,7 +26,8 @@ class ExtractResult:
     tensors: int
     parameters: int  # learnable values (conv and BN weights and biases)
     counters_added: int  # BN num_batches_tracked absent from the source, written as 0
-    missing_in_torchvision: tuple[str, ...]  # what torchvision.models.<arch>() lacks on loading
+    missing_in_torchvision: tuple[str, ...]  # what the load check's network lacks on loading
+    checked_with: str  # the network the written file was load-checked in
 
 
 def extract(
@@ -39,7 +40,8 @@ def extract(
     """Read ``source`` (any input read_backbone accepts), check it, write ``output`` atomically.
 
     ``fmt``: "safetensors" or "torchvision" (a plain ``torch.save`` state dict); None picks it
-    from the suffix. The written file is read back and loaded into torchvision before it lands.
+    from the suffix. The written file is read back and loaded into torchvision (sslctl's
+    ConvNet4 for convnet4) before it lands.
     """
     fmt = ex.output_format(output, fmt)
     weights = read_backbone(Path(source), part, trust_pickle)
@@ -72,5 +74,6 @@ def extract(
         tensors=len(bb.state),
         parameters=sum(v.numel() for k, v in bb.state.items() if k.rsplit(".", 1)[-1] in learnable),
         counters_added=bb.counters_added,
-        missing_in_torchvision=ex.HEAD_KEYS,
+        missing_in_torchvision=ex.head_keys(bb.arch),
+        checked_with=ex.loader_name(bb.arch),
     )

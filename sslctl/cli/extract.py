@@ -49,9 +49,10 @@ def command(
         soft_wrap=True,
         markup=False,
     )
+    missing = r.missing_in_torchvision
     out_console.print(
-        f"checked: torchvision.models.{r.arch}() loads it with only "
-        f"{', '.join(r.missing_in_torchvision)} missing",
+        f"checked: {r.checked_with} loads it with "
+        + (f"only {', '.join(missing)} missing" if missing else "nothing missing"),
         soft_wrap=True,
         markup=False,
     )

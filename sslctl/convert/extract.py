@@ -2,7 +2,8 @@
 
 The written file is read back and loaded into a fresh torchvision ResNet of the matching depth
 before it replaces the output path, so a file that exists is a file that loads with only
-``fc.*`` missing.
+``fc.*`` missing. A ``convnet4`` backbone (not a torchvision model) is checked the same way
+against :class:`sslctl.backbones.ConvNet4`, with nothing missing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from torchvision import models
 
 from sslctl import UserError, checkpoint
-from sslctl.backbones import infer_arch
+from sslctl.backbones import ConvNet4, infer_arch
 
 FORMAT = "sslctl-backbone"
 FORMATS = ("safetensors", "torchvision")
@@ -53,6 +54,21 @@ def torchvision_resnet(arch: str, small_stem: bool) -> models.ResNet:
     return net
 
 
+def reference_net(arch: str, small_stem: bool) -> nn.Module:
+    """The network an extracted ``arch`` backbone must load into (with its head, if any)."""
+    return ConvNet4() if arch == "convnet4" else torchvision_resnet(arch, small_stem)
+
+
+def head_keys(arch: str) -> tuple[str, ...]:
+    """Keys of ``reference_net(arch)`` a backbone lacks: torchvision's fc, none for convnet4."""
+    return () if arch == "convnet4" else HEAD_KEYS
+
+
+def loader_name(arch: str) -> str:
+    """What ``check_loads`` loads into, as a user would write it."""
+    return "sslctl.backbones.ConvNet4()" if arch == "convnet4" else f"torchvision.models.{arch}()"
+
+
 def as_torchvision(state: dict[str, torch.Tensor], source: str) -> Backbone:
     """Order ``state`` like torchvision and check it fills every non-fc key with the right shape.
 
@@ -61,8 +77,8 @@ def as_torchvision(state: dict[str, torch.Tensor], source: str) -> Backbone:
     """
     arch, small = infer_arch(state)
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
-        reference = torchvision_resnet(arch, small).state_dict()
-    body = {k: v for k, v in reference.items() if k not in HEAD_KEYS}
+        reference = reference_net(arch, small).state_dict()
+    body = {k: v for k, v in reference.items() if k not in head_keys(arch)}
     missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
     extra = sorted(set(state) - set(body))
     if missing or extra:
@@ -95,18 +111,22 @@ def _few(keys: list[str]) -> str:
 
 
 def check_loads(state: dict[str, torch.Tensor], arch: str, small_stem: bool, what: str) -> None:
-    """Load into a fresh torchvision ResNet; only ``fc.*`` may be missing, nothing unexpected."""
+    """Load into a fresh reference network (torchvision's ResNet, or ConvNet4); only the head
+    (``fc.*``; nothing for convnet4) may be missing, nothing unexpected."""
     with torch.device("meta"):  # skip the random initialisation the load overwrites anyway
-        net = torchvision_resnet(arch, small_stem)
+        net = reference_net(arch, small_stem)
     net = net.to_empty(device="cpu")
+    name = loader_name(arch)
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise UserError(f"{what}: does not load into torchvision {arch}: {_last(e)}") from None
-    if sorted(result.missing_keys) != sorted(HEAD_KEYS) or result.unexpected_keys:
+        raise UserError(f"{what}: does not load into {name}: {_last(e)}") from None
+    head = head_keys(arch)
+    if sorted(result.missing_keys) != sorted(head) or result.unexpected_keys:
+        expected = f"only {', '.join(head)} missing" if head else "nothing missing"
         raise UserError(
-            f"{what}: torchvision {arch} reports missing {result.missing_keys[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]} (expected only fc.* missing)"
+            f"{what}: {name} reports missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]} (expected {expected})"
         )
 
 

@@ -1,4 +1,5 @@
-"""Read a ResNet backbone state dict (torchvision key names) from any supported weights file.
+"""Read a backbone state dict (torchvision key names for ResNets; ``stage*`` for convnet4) from
+any supported weights file.
 
 Supported inputs:
 - sslctl checkpoints (a ``step_*.safetensors`` file, a run or checkpoints directory, ``…/last``):
@@ -148,9 +149,10 @@ def _read_pickle(path: Path, part: str, trust_pickle: bool = False) -> BackboneW
             "--part target needs an sslctl checkpoint or a reference checkpoint with target_net.0.*"
         )
     state = _tensors(checkpoint.strip_prefixes(sd), path)
-    if "conv1.weight" not in state:
+    if "conv1.weight" not in state and "stage1.conv.weight" not in state:
         raise UserError(
-            f"{path}: no backbone inside (no conv1.weight, backbone.* or online_net.0.* keys)"
+            f"{path}: no backbone inside (no conv1.weight, stage1.conv.weight, backbone.* or "
+            "online_net.0.* keys)"
         )
     return BackboneWeights(_strip_fc(state), "torchvision", meta)
 

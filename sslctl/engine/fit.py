@@ -66,8 +66,14 @@ class Position:
 
 
 def build_optimizer(cfg: Config, online: nn.Module) -> torch.optim.Optimizer:
+    """LARS, SGD or AdamW over the SPEC §1 groups: biases and BN parameters get no weight
+    decay (and, under LARS, no trust ratio)."""
     groups = param_groups_lars(online, cfg.optim.weight_decay)
     o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay
+        )
     if o.name == "lars":
         return LARS(
             groups,
