@@ -78,7 +78,7 @@ class Backbone:
 
 
 def default_profile(data: str | None) -> str:
-    """The bundled demo images are 48 px: their profile evaluates at 40 px, not ImageNet's 224."""
+    """The bundled demo images are 48 px: their profile evaluates at 32 px, not ImageNet's 224."""
     return "linear-demo-cpu" if data == "bundled" else "linear-r50"
 
 
