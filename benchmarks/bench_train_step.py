@@ -30,17 +30,26 @@ class SyntheticLoader:
         self.batch, self.size, self.device = batch, size, device
         self.steps_per_epoch = 1_000_000
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator(device=self.device).manual_seed(epoch)
         x = torch.randn(2, self.batch, 3, self.size, self.size, device=self.device, generator=g)
         while True:
             yield x[0], x[1]
 
 
-def measure(profile: str, precision: str, batch: int, steps: int, warmup: int) -> dict[str, float | str]:
+def measure(
+    profile: str, precision: str, batch: int, steps: int, warmup: int
+) -> dict[str, float | str]:
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    sets = [f"train.precision={precision}", f"train.batch_size={batch}", "train.accumulate=1", "train.log_every=1000000"]
+    sets = [
+        f"train.precision={precision}",
+        f"train.batch_size={batch}",
+        "train.accumulate=1",
+        "train.log_every=1000000",
+    ]
     cfg = config.load(profile, sets)
     di = dist.DistInfo(0, 1, 0, dev)
     with tempfile.TemporaryDirectory() as d:
@@ -61,7 +70,11 @@ def measure(profile: str, precision: str, batch: int, steps: int, warmup: int) -
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     return {
         "device": name,
@@ -78,7 +91,9 @@ def measure(profile: str, precision: str, batch: int, steps: int, warmup: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--profile", default="r50-3090x8")
     ap.add_argument("--precision", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--batch", type=int, default=196)
@@ -87,7 +102,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rows = [measure(a.profile, p, a.batch, a.steps, a.warmup) for p in a.precision]
-    print(f"{'device':32} {'profile':16} {'prec':5} {'batch':>5} {'img/s':>8} {'step s':>7} {'peak GiB':>8}")
+    print(
+        f"{'device':32} {'profile':16} {'prec':5} {'batch':>5} {'img/s':>8} {'step s':>7} {'peak GiB':>8}"
+    )
     for r in rows:
         print(
             f"{r['device']!s:32} {r['profile']!s:16} {r['precision']!s:5} {r['batch']:>5} "

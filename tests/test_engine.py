@@ -148,7 +148,9 @@ def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 
 def test_periodic_monitor_runs_every_n_epochs_and_logs(tmp_path):
-    cfg = small_cfg("eval.knn_every=2", "eval.knn_train=bundled", "eval.knn_val=bundled", "train.epochs=4")
+    cfg = small_cfg(
+        "eval.knn_every=2", "eval.knn_train=bundled", "eval.knn_val=bundled", "train.epochs=4"
+    )
     calls = []
 
     def monitor(backbone):
