@@ -78,6 +78,8 @@ def test_explicit_pretrain_kind_still_loads(tmp_path: Path):
 
 def test_knn_monitor_needs_its_folders():
     with pytest.raises(UserError, match="eval.knn_every needs eval.knn_train and eval.knn_val"):
-        config.load("demo-cpu", ["eval.knn_every=1"])
+        config.load("demo-cpu", ["eval.knn_every=1", "eval.knn_train=", "eval.knn_val="])
     c = config.load("demo-cpu", ["eval.knn_every=1", "eval.knn_train=a", "eval.knn_val=b"])
     assert c.eval.knn_every == 1
+    demo = config.load("demo-cpu").eval  # the demo monitors kNN on the bundled set
+    assert (demo.knn_every, demo.knn_train, demo.knn_val) == (2, "bundled", "bundled")
