@@ -430,6 +430,11 @@ def test_pretrain_end_to_end_through_dali_cpu(tmp_path: Path) -> None:
         "train.batch_size=12",
         "data.image_size=32",
         "data.workers=1",
+        "method.multires=true",  # demo-cpu is single-resolution; exercise DALI's multi-res views
+        "method.online_res_min=24",
+        "method.online_res_max=32",
+        "method.target_res_min=28",
+        "method.target_res_max=32",
         "model.proj_hidden=64",
         "model.pred_hidden=64",
         "model.proj_dim=32",

@@ -8,8 +8,15 @@ from sslctl.engine.fit import FitRequest, Trainer, fit
 from sslctl.log import read_jsonl
 from tests.engine_helpers import TensorLoader
 
+# demo-cpu is convnet4 + AdamW + single resolution; the engine tests keep exercising the paper's
+# path: ResNet, LARS, γ = 2, multi-resolution views, no kNN monitor unless a test asks.
 SMALL = [
     "model.arch=resnet18",
+    "method.multires=true",
+    "optim.name=lars",
+    "optim.weight_decay=1e-6",
+    "loss.gamma=2.0",
+    "eval.knn_every=0",
     "model.small_stem=true",
     "model.proj_hidden=64",
     "model.proj_dim=32",
