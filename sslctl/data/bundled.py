@@ -9,8 +9,8 @@ The images are written once, as real PNG files in the ImageFolder layout, under 
 directory.
 
 digits-v1 (before this version, see CHANGELOG) drew the digits in colour on noisy, muted random
-backgrounds; at the demo's budget (minutes on 2 CPU cores) no backbone learned anything from
-it (BENCHMARKS.md), so the demo could not show that pre-training works.
+backgrounds; at the demo's budget (minutes on 2 CPU cores) none of the backbones and settings
+we tried learned from it (BENCHMARKS.md), so the demo could not show that pre-training works.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from PIL import Image, ImageFilter
 from sslctl import UserError
 
 VERSION = "digits-v2"
-CANVAS = 48  # pixels; the demo trains on 32–40-pixel crops of these
-TRAIN_RENDERINGS = 2  # renderings of each training digit (different scenes)
+CANVAS = 48  # pixels; the demo trains on 32-pixel crops of these
+TRAIN_RENDERINGS = 2  # renderings of each training digit (different size, stroke, place)
 VAL_SIZE = 360  # stratified hold-out, 20 % of the 1,797 digits
 SEED = 20210417
 
