@@ -98,10 +98,12 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     """(arch, small_stem) of a backbone state dict: a torchvision-named ResNet (from its block
     counts) or a ConvNet4 (from its stage widths)."""
     if "stage1.conv.weight" in state:
-        widths = tuple(
-            int(state[f"stage{i}.conv.weight"].shape[0]) if f"stage{i}.conv.weight" in state else 0
-            for i in (1, 2, 3, 4)
-        )
+        absent = [
+            f"stage{i}.conv.weight" for i in (2, 3, 4) if f"stage{i}.conv.weight" not in state
+        ]
+        if absent:
+            raise UserError(f"not a complete convnet4 backbone: {', '.join(absent)} missing")
+        widths = tuple(int(state[f"stage{i}.conv.weight"].shape[0]) for i in (1, 2, 3, 4))
         if widths != CONVNET4_WIDTHS or "stage5.conv.weight" in state:
             raise UserError(
                 f"unsupported plain-CNN layout: stage widths {widths} (convnet4 has "

@@ -323,6 +323,15 @@ def validate(cfg: Config, source: str) -> None:
         not (cfg.model.arch == "convnet4" and cfg.model.small_stem),
         "model.small_stem applies to ResNets only; set it to false for convnet4",
     )
+    need(
+        not (
+            cfg.model.arch == "convnet4"
+            and cfg.method.multires
+            and min(cfg.method.online_res_min, cfg.method.target_res_min) < 8
+        ),
+        "convnet4 halves its input three times: method.online_res_min and "
+        "method.target_res_min must be >= 8",
+    )
     need(cfg.loss.gamma > 0.0, "loss.gamma must be > 0")
     need(
         cfg.loss.drop_nearest >= 0 and cfg.loss.keep >= 1, "loss.drop_nearest >= 0, loss.keep >= 1"

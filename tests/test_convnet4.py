@@ -58,6 +58,9 @@ def test_convnet4_bad_layouts_and_settings_are_user_errors():
     wide = dict(state, **{"stage2.conv.weight": torch.zeros(96, 32, 3, 3)})
     with pytest.raises(UserError, match=r"stage widths \(32, 96, 128, 256\)"):
         infer_arch(wide)
+    no_stage3 = {k: v for k, v in state.items() if not k.startswith("stage3.")}
+    with pytest.raises(UserError, match="not a complete convnet4 backbone: stage3.conv.weight"):
+        infer_arch(no_stage3)
     partial = {k: v for k, v in state.items() if not k.startswith("stage4.bn.")}
     with pytest.raises(UserError, match="test: weights do not fit convnet4: missing"):
         load_backbone(partial, "test")
@@ -65,6 +68,10 @@ def test_convnet4_bad_layouts_and_settings_are_user_errors():
         build_backbone("convnet4", small_stem=True)
     with pytest.raises(UserError, match="small_stem applies to ResNets only"):
         config.load("demo-cpu", ["model.small_stem=true"])
+    tiny = ["method.multires=true", "method.online_res_min=4"]
+    with pytest.raises(UserError, match="online_res_min and method.target_res_min must be >= 8"):
+        config.load("demo-cpu", tiny)
+    assert config.load("demo-cpu", [*tiny, "model.arch=resnet18"]).method.online_res_min == 4
 
 
 def test_adamw_groups_skip_decay_on_bn_and_bias():

@@ -137,6 +137,24 @@ def test_explicit_resume_without_checkpoint(tmp_path):
         run(tmp_path / "r", cfg, resume=str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["optim.name=adamw"], "other settings (optim.name lars → adamw)"),
+        (["model.arch=convnet4", "model.small_stem=false"], "model.arch resnet18 → convnet4"),
+        (["model.pred_hidden=32"], "its weights do not fit the network this profile builds"),
+    ],
+)
+def test_resume_with_another_network_is_one_clear_error(tmp_path, change, message):
+    """e.g. `make demo` over a runs/demo left by an older demo profile: refused, nothing lost."""
+    run(tmp_path, small_cfg(), max_steps=2)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        run(tmp_path, small_cfg(*change))
+    assert "\n" not in str(e.value) and "another --out" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
 def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
     cfg = small_cfg("train.max_nonfinite=2", "train.epochs=3")
     run(tmp_path, cfg, max_steps=2)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sslctl import UserError, __version__, checkpoint, dist, log
-from sslctl.config import Config, to_yaml
+from sslctl.config import Config, from_json, to_yaml
 from sslctl.engine.lars import LARS, param_groups_lars
 from sslctl.engine.preempt import StopFlag
 from sslctl.engine.schedules import target_momentum, warmup_cosine
@@ -196,10 +196,25 @@ class Trainer:
         return checkpoint.CkptPaths.of(self.ckpt_dir, self.pos.step).weights
 
     def load(self, ck: checkpoint.CkptPaths) -> None:
-        tensors, _ = checkpoint.load_safetensors(ck.weights)
-        self.method.load_state_tensors({k: v.to(self.di.device) for k, v in tensors.items()})
+        tensors, meta = checkpoint.load_safetensors(ck.weights)
+        self._check_same_network(ck, meta)
+        try:
+            self.method.load_state_tensors({k: v.to(self.di.device) for k, v in tensors.items()})
+        except RuntimeError as e:
+            raise UserError(
+                f"{ck.weights}: its weights do not fit the network this profile builds "
+                f"({_first_line(e)}); resume it with the profile it was started with, or start "
+                f"a new run in another --out (or delete this one)"
+            ) from None
         st = checkpoint.load_train_state(ck.state)
-        self.opt.load_state_dict(st["optimizer"])
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(
+                f"{ck.state}: its optimizer state does not fit optim.name={self.cfg.optim.name} "
+                f"({_first_line(e)}); resume with the profile the run was started with, or start "
+                f"a new run in another --out (or delete this one)"
+            ) from None
         self.scaler.load_state_dict(st["scaler"])
         self.pos = Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]))
         self.nonfinite = int(st.get("nonfinite", 0))
@@ -207,6 +222,33 @@ class Trainer:
         if int(st.get("world_size", self.di.world_size)) != self.di.world_size:
             log.warn(
                 "resuming with a different number of processes: the rest of this epoch is re-sharded"
+            )
+
+    def _check_same_network(self, ck: checkpoint.CkptPaths, meta: dict[str, str]) -> None:
+        """A run continues only with the network and optimiser it was started with: e.g. a
+        ``runs/demo`` left by an older demo profile is refused in one line, not a traceback."""
+        if "config" not in meta:
+            return
+        try:
+            was = from_json(meta["config"], str(ck.weights))
+        except UserError:
+            return  # a config this version cannot read: the tensor check below still guards
+        now = self.cfg
+        diffs = [
+            f"{key} {a} → {b}"
+            for key, a, b in (
+                ("model.arch", was.model.arch, now.model.arch),
+                ("model.small_stem", was.model.small_stem, now.model.small_stem),
+                ("model.proj_dim", was.model.proj_dim, now.model.proj_dim),
+                ("method.name", was.method.name, now.method.name),
+                ("optim.name", was.optim.name, now.optim.name),
+            )
+            if a != b
+        ]
+        if diffs:
+            raise UserError(
+                f"{ck.weights}: this run was started with other settings ({', '.join(diffs)}); "
+                f"resume it with its own profile, or start a new run in another --out (or delete this one)"
             )
 
     def restore(self) -> checkpoint.CkptPaths | None:
@@ -409,3 +451,8 @@ class Trainer:
 
 def fit(req: FitRequest, di: dist.DistInfo) -> FitResult:
     return Trainer(req, di).run()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:160] if lines else e.__class__.__name__
