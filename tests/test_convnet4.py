@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sslctl import UserError, api, config
+from sslctl import UserError, api, checkpoint, config
 from sslctl.api.linear_eval import LinearEvalOptions
 from sslctl.backbones import ConvNet4, build_backbone, feature_dim, infer_arch, load_backbone
 from sslctl.cli.app import app
@@ -109,6 +109,8 @@ def test_pretrain_trains_convnet4_with_adamw(demo_run):
         not torch.equal(online.state[k], target.state[k]) for k in online.state if "conv" in k
     )
     assert online.state.keys() == init.state_dict().keys()
+    state = checkpoint.load_train_state(checkpoint.resolve(run).state)["optimizer"]["state"]
+    assert state and all({"exp_avg", "exp_avg_sq"} <= s.keys() for s in state.values())  # AdamW's
 
 
 def test_extract_both_formats_and_read_back(demo_run, tmp_path):
@@ -128,7 +130,7 @@ def test_extract_both_formats_and_read_back(demo_run, tmp_path):
     assert all(torch.equal(a[k], source[k]) and torch.equal(b[k], source[k]) for k in a)
 
 
-def test_linear_eval_of_convnet4_against_random_init(demo_run, tmp_path):
+def test_linear_eval_runs_on_convnet4_with_a_random_init_baseline(demo_run, tmp_path):
     data, run = demo_run
     sets = tuple(tiny_sets("linear.epochs=1"))
     o = LinearEvalOptions(

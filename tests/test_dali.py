@@ -430,7 +430,13 @@ def test_pretrain_end_to_end_through_dali_cpu(tmp_path: Path) -> None:
         "train.batch_size=12",
         "data.image_size=32",
         "data.workers=1",
-        "method.multires=true",  # demo-cpu is single-resolution; exercise DALI's multi-res views
+        # demo-cpu is convnet4/AdamW/γ 1 at one resolution; this runs the paper's path through DALI
+        "model.arch=resnet18",
+        "optim.name=lars",
+        "optim.lr=1.0",
+        "optim.weight_decay=1e-6",
+        "loss.gamma=2.0",
+        "method.multires=true",
         "method.online_res_min=24",
         "method.online_res_max=32",
         "method.target_res_min=28",

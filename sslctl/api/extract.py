@@ -26,7 +26,9 @@ class ExtractResult:
     tensors: int
     parameters: int  # learnable values (conv and BN weights and biases)
     counters_added: int  # BN num_batches_tracked absent from the source, written as 0
-    missing_in_torchvision: tuple[str, ...]  # what the load check's network lacks on loading
+    # what the load check's network lacks on loading (the name predates convnet4, which is
+    # checked in sslctl's ConvNet4 and lacks nothing)
+    missing_in_torchvision: tuple[str, ...]
     checked_with: str  # the network the written file was load-checked in
 
 

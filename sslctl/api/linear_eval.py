@@ -91,7 +91,8 @@ def load_weights(path: Path, part: str = "online") -> Backbone:
 
 
 def random_backbone(like: Backbone, seed: int = RANDOM_SEED) -> Backbone:
-    """The same architecture, randomly initialised by torchvision's init from a fixed seed."""
+    """The same architecture, randomly initialised (torchvision's init for ResNets, ConvNet4's
+    own) from a fixed seed."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     net = build_backbone(like.arch, small_stem=like.small_stem)

@@ -1,4 +1,5 @@
-"""``sslctl extract``: the backbone of a checkpoint as torchvision-loadable weights."""
+"""``sslctl extract``: the backbone of a checkpoint as torchvision-loadable weights (ResNets),
+or as sslctl ConvNet4 weights (convnet4)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from sslctl.cli.common import out_console, user_errors
 
 HELP = (
     "Write a checkpoint's backbone with torchvision key names (no fc) as .safetensors or a .pth "
-    "state dict, load-checked in torchvision before it is written."
+    "state dict, load-checked in torchvision before it is written (convnet4: in sslctl's "
+    "ConvNet4)."
 )
 
 

@@ -37,7 +37,8 @@ _TORCHVISION: dict[str, Callable[..., models.ResNet]] = {
 
 @dataclass(frozen=True)
 class Backbone:
-    """A backbone state dict in torchvision order, complete except for the fc head."""
+    """A backbone state dict in its reference network's order (torchvision's for ResNets),
+    complete except for the fc head (convnet4 has none)."""
 
     state: OrderedDict[str, torch.Tensor]
     arch: str
