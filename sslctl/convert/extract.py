@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision import models
 
-from sslctl import UserError, checkpoint
+from sslctl import UserError, checkpoint, last_line
 from sslctl.backbones import ConvNet4, infer_arch
 
 FORMAT = "sslctl-backbone"
@@ -121,7 +121,7 @@ def check_loads(state: dict[str, torch.Tensor], arch: str, small_stem: bool, wha
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise UserError(f"{what}: does not load into {name}: {_last(e)}") from None
+        raise UserError(f"{what}: does not load into {name}: {last_line(e)}") from None
     head = head_keys(arch)
     if sorted(result.missing_keys) != sorted(head) or result.unexpected_keys:
         expected = f"only {', '.join(head)} missing" if head else "nothing missing"
@@ -129,11 +129,6 @@ def check_loads(state: dict[str, torch.Tensor], arch: str, small_stem: bool, wha
             f"{what}: {name} reports missing {result.missing_keys[:4]}, "
             f"unexpected {result.unexpected_keys[:4]} (expected {expected})"
         )
-
-
-def _last(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else e.__class__.__name__
 
 
 def output_format(output: Path, fmt: str | None) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sslctl import UserError, __version__, checkpoint, dist, log
+from sslctl import UserError, __version__, checkpoint, dist, last_line, log
 from sslctl.config import Config, from_json, to_yaml
 from sslctl.engine.lars import LARS, param_groups_lars
 from sslctl.engine.preempt import StopFlag
@@ -203,7 +203,7 @@ class Trainer:
         except RuntimeError as e:
             raise UserError(
                 f"{ck.weights}: its weights do not fit the network this profile builds "
-                f"({_first_line(e)}); resume it with the profile it was started with, or start "
+                f"({last_line(e)}); resume it with the profile it was started with, or start "
                 f"a new run in another --out (or delete this one)"
             ) from None
         st = checkpoint.load_train_state(ck.state)
@@ -212,7 +212,7 @@ class Trainer:
         except (ValueError, KeyError) as e:
             raise UserError(
                 f"{ck.state}: its optimizer state does not fit optim.name={self.cfg.optim.name} "
-                f"({_first_line(e)}); resume with the profile the run was started with, or start "
+                f"({last_line(e)}); resume with the profile the run was started with, or start "
                 f"a new run in another --out (or delete this one)"
             ) from None
         self.scaler.load_state_dict(st["scaler"])
@@ -451,8 +451,3 @@ class Trainer:
 
 def fit(req: FitRequest, di: dist.DistInfo) -> FitResult:
     return Trainer(req, di).run()
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:160] if lines else e.__class__.__name__
