@@ -71,7 +71,8 @@ def loader_name(arch: str) -> str:
 
 
 def as_torchvision(state: dict[str, torch.Tensor], source: str) -> Backbone:
-    """Order ``state`` like torchvision and check it fills every non-fc key with the right shape.
+    """Order ``state`` like its reference network (torchvision's ResNet, or ConvNet4) and check
+    it fills every key but the head with the right shape.
 
     BN's ``num_batches_tracked`` counters missing from old files are added as 0 (what PyTorch
     itself assumes for such files); missing weights or running statistics are an error.

@@ -3,8 +3,8 @@
 scikit-learn ships its 1,797 8×8 digits inside the package, so the demo needs no network. Raw
 8×8 digits are too easy (raw-pixel kNN ≈ 96 %), so each is drawn at a random size (20–36 px),
 stroke width and rotation at a random place of a 48×48 canvas: raw-pixel kNN falls to ≈ 53 %
-and a randomly initialised convnet4's features to ≈ 46 %; the crops and flips of SSL pre-training
-teach invariance to exactly those nuisances (the demo's learned features: kNN ≈ 59 %).
+and a randomly initialised convnet4's features to ≈ 46 %. SSL pre-training's random crops teach
+invariance to position and size (the demo's learned features: kNN ≈ 59 %).
 The images are written once, as real PNG files in the ImageFolder layout, under the user cache
 directory.
 
