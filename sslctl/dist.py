@@ -41,9 +41,24 @@ def init(device: str = "auto") -> DistInfo:
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         # SSLCTL_DIST_TIMEOUT_S bounds every collective, and the connection set-up, in seconds.
-        timeout = float(os.environ.get("SSLCTL_DIST_TIMEOUT_S", "1800"))
-        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        timeout = datetime.timedelta(seconds=float(os.environ.get("SSLCTL_DIST_TIMEOUT_S", "1800")))
+        tdist.init_process_group(
+            backend, store=_attempt_store(timeout), rank=rank, world_size=world, timeout=timeout
+        )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> tdist.Store:
+    """torchrun's rendezvous store, with keys private to this restart attempt.
+
+    torchrun (``--max-restarts``) keeps one TCP store for the whole job, so after a worker crash
+    the restarted workers would find the process group's keys left by the dead attempt (e.g. a
+    peer's old gloo address) and try to connect to processes that no longer exist. Prefixing
+    every key with TORCHELASTIC_RESTART_COUNT gives each attempt a clean namespace.
+    """
+    store, _, _ = next(tdist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"sslctl/attempt_{attempt}", store)
 
 
 def is_dist() -> bool:

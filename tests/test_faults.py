@@ -162,10 +162,10 @@ def test_worker_crash_under_max_restarts_gives_same_weights(tmp_path):
     data = make_images(tmp_path / "data", n=72)
     prof = write_profile(tmp_path / "p.yaml")
     args = ["pretrain", "--profile", str(prof), "--data", str(data)]
-    # Restarts beyond the one the injected crash needs absorb a rare gloo connection set-up hang
-    # after a restart on a loaded machine (bounded by SSLCTL_DIST_TIMEOUT_S); every restart resumes.
+    # Exactly one restart is allowed: the restarted workers must connect at the first try, which
+    # needs dist.init's per-attempt store keys (torchrun keeps the dead attempt's keys).
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    base += ["--max-restarts", "3"]
+    base += ["--max-restarts", "1"]
 
     def torchrun(out: Path, crash: str | None) -> None:
         e = (
@@ -182,7 +182,9 @@ def test_worker_crash_under_max_restarts_gives_same_weights(tmp_path):
             timeout=900,
         )
         (out.parent / f"{out.name}.log").write_text(r.stdout + r.stderr)
-        assert r.returncode == 0, f"see {out.parent / (out.name + '.log')}: " + r.stderr[-1500:]
+        errors = [ln for ln in r.stderr.splitlines() if "Error" in ln][-6:]
+        assert r.returncode == 0, f"see {out}.log: " + "\n".join(errors) + r.stderr[-800:]
+        assert "connectFullMesh failed" not in r.stderr
 
     torchrun(tmp_path / "a", None)
     marker = tmp_path / "crashed"
