@@ -183,7 +183,7 @@ def test_worker_crash_under_max_restarts_gives_same_weights(tmp_path):
         )
         (out.parent / f"{out.name}.log").write_text(r.stdout + r.stderr)
         errors = [ln for ln in r.stderr.splitlines() if "Error" in ln][-6:]
-        assert r.returncode == 0, f"see {out}.log: " + "\n".join(errors) + r.stderr[-800:]
+        assert r.returncode == 0, f"see {out}.log: " + "\n".join([*errors, r.stderr[-800:]])
         assert "connectFullMesh failed" not in r.stderr
 
     torchrun(tmp_path / "a", None)
