@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sslctl import UserError
-from sslctl.engine.schedules import target_momentum, warmup_cosine
+from sslctl.engine.schedules import TargetMomentum, WarmupCosine, target_momentum, warmup_cosine
 
 
 def test_warmup_cosine_end_points_and_shape() -> None:
@@ -79,3 +79,42 @@ def test_target_momentum_edges() -> None:
         target_momentum(0.99, 0)
     with pytest.raises(UserError):
         target_momentum(1.5, 10)
+
+
+@pytest.mark.parametrize(
+    ("total", "warm", "start", "final"),
+    [
+        (100, 10, 1e-4, 0.0),
+        (7, 0, 1e-4, 0.0),
+        (1, 1, 1e-4, 0.0),
+        (3, 1, 0.1, 0.01),
+        (4, 4, 1e-4, 0.0),
+    ],
+)
+def test_per_step_lr_equals_the_curve(total: int, warm: int, start: float, final: float) -> None:
+    curve = warmup_cosine(2.5, total, warm, start, final).tolist()
+    at = WarmupCosine(2.5, total, warm, start, final)
+    assert [at(k) for k in range(total)] == pytest.approx(curve, rel=1e-12, abs=1e-15)
+    assert at(total + 5) == at(total - 1)  # past the end: the last value (max_steps overshoot)
+
+
+def test_per_step_momentum_equals_the_curve() -> None:
+    for total in (1, 2, 13, 1000):
+        curve = target_momentum(0.996, total).tolist()
+        at = TargetMomentum(0.996, total)
+        assert [at(k) for k in range(total)] == pytest.approx(curve, rel=1e-12)
+
+
+def test_per_step_schedules_cost_nothing_for_huge_runs() -> None:
+    # bench_train_step once built 10⁹-step lists (≈100 GB); the per-step form is O(1).
+    lr = WarmupCosine(4.8, 10**12, 10**10)
+    assert lr(0) == pytest.approx(4.8e-4) and lr(10**10) == pytest.approx(4.8)
+    assert lr(10**12 - 1) == pytest.approx(0.0, abs=1e-12)
+    assert TargetMomentum(0.99, 10**12)(0) == pytest.approx(0.99)
+
+
+def test_per_step_schedules_validate_like_the_curves() -> None:
+    with pytest.raises(UserError, match="warm-up of 11 steps"):
+        WarmupCosine(1.0, 10, 11)
+    with pytest.raises(UserError, match="target momentum"):
+        TargetMomentum(1.5, 10)

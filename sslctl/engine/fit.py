@@ -23,10 +23,27 @@ from sslctl import UserError, __version__, checkpoint, dist, last_line, log
 from sslctl.config import Config, from_json, to_yaml
 from sslctl.engine.lars import LARS, param_groups_lars
 from sslctl.engine.preempt import StopFlag
-from sslctl.engine.schedules import target_momentum, warmup_cosine
+from sslctl.engine.schedules import TargetMomentum, WarmupCosine
 from sslctl.methods import SiameseMethod, build_method
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _DDP(DDP):
+    """DDP whose forward-time buffer broadcast keeps autograd's version counters.
+
+    Both methods call the online network twice before one backward. DDP re-broadcasts the BN
+    running statistics from rank 0 before each forward; before torch 2.12.1 that in-place copy
+    bumped the buffers' version counters, and the first forward's saved tensors then failed
+    backward ("modified by an inplace operation"). torch ≥ 2.12.1 does exactly this itself.
+    """
+
+    def _sync_buffers(self) -> None:
+        keep = getattr(torch.autograd, "_unsafe_preserve_version_counter", None)
+        if keep is None:
+            return super()._sync_buffers()
+        with keep(tuple(self.modules_buffers)):
+            return super()._sync_buffers()
 
 
 class TrainingHalted(UserError):
@@ -111,14 +128,15 @@ class Trainer:
         self.opt = build_optimizer(cfg, self.method.online)
         self.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.train.precision == "fp16")
         warm = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.lr = warmup_cosine(
+        # Evaluated per step: cheap for any run length (no list of 10⁵–10⁹ floats).
+        self.lr = WarmupCosine(
             cfg.optim.lr,
             self.total_steps,
             warm,
             cfg.optim.warmup_start_factor,
             cfg.optim.final_lr_factor,
-        ).tolist()
-        self.mom = target_momentum(cfg.method.base_momentum, self.total_steps).tolist()
+        )
+        self.mom = TargetMomentum(cfg.method.base_momentum, self.total_steps)
         self.pos = Position()
         self.nonfinite = 0
         self.metrics_path = req.run_dir / "metrics.jsonl"
@@ -133,7 +151,7 @@ class Trainer:
         self.online: nn.Module = self.method.online
         if di.world_size > 1:
             ids = [di.device.index] if cuda else None
-            self.online = DDP(
+            self.online = _DDP(
                 self.method.online,
                 device_ids=ids,
             )
@@ -298,14 +316,14 @@ class Trainer:
     def optimizer_step(self, finite: bool) -> None:
         k = min(self.pos.step, self.total_steps - 1)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr[k]
+            g["lr"] = self.lr(k)
         if finite:
             if self.cfg.optim.clip_grad > 0:
                 self.scaler.unscale_(self.opt)
                 nn.utils.clip_grad_norm_(self.method.online.parameters(), self.cfg.optim.clip_grad)
             self.scaler.step(self.opt)
             self.scaler.update()
-            self.method.update_target(self.mom[k])
+            self.method.update_target(self.mom(k))
         self.opt.zero_grad(set_to_none=True)
         self.pos.step += 1
 
@@ -318,8 +336,8 @@ class Trainer:
         rec.update(
             step=self.pos.step,
             epoch=self.pos.epoch + self.pos.batch / max(self.req.loader.steps_per_epoch, 1),
-            lr=self.lr[k],
-            momentum=self.mom[k],
+            lr=self.lr(k),
+            momentum=self.mom(k),
             img_s=imgs_per_s,
             loss_scale=float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0,
         )

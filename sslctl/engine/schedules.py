@@ -1,15 +1,36 @@
-"""Per-step schedules: float64 tensors indexed by the global optimizer step (0-based).
+"""Per-step schedules indexed by the global optimizer step (0-based).
 
-Precomputing the whole curve (as DINO does) makes resume trivial: the step is the state.
+The step is the state (as in DINO), so resume is trivial. The engine evaluates one step at a
+time (``WarmupCosine(...)(k)``, ``TargetMomentum(...)(k)``): memory and start-up cost do not
+grow with the run's length (a 10⁹-step curve would be 8 GB as float64). ``warmup_cosine`` and
+``target_momentum`` return the whole curve as float64 tensors, computed by the same formula.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from sslctl import UserError
+
+
+def _check_warmup(total_steps: int, warmup_steps: int) -> None:
+    if total_steps < 1:
+        raise UserError(f"a schedule needs at least one optimizer step, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise UserError(
+            f"warm-up of {warmup_steps} steps does not fit a run of {total_steps} steps; "
+            "lower the warm-up epochs or raise train.epochs"
+        )
+
+
+def _check_momentum(m0: float, total_steps: int) -> None:
+    if total_steps < 1:
+        raise UserError(f"a schedule needs at least one optimizer step, got {total_steps}")
+    if not 0.0 <= m0 <= 1.0:
+        raise UserError(f"target momentum must be in [0, 1], got {m0}")
 
 
 def warmup_cosine(
@@ -30,13 +51,7 @@ def warmup_cosine(
     multiplies the warm-up onto it, so it ends warm-up at cos-annealed ≈ 0.994·base for 10
     of 200 epochs and stops one step short of the final value; the difference is negligible.)
     """
-    if total_steps < 1:
-        raise UserError(f"a schedule needs at least one optimizer step, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise UserError(
-            f"warm-up of {warmup_steps} steps does not fit a run of {total_steps} steps; "
-            "lower the warm-up epochs or raise train.epochs"
-        )
+    _check_warmup(total_steps, warmup_steps)
     warm = torch.arange(warmup_steps, dtype=torch.float64) / max(warmup_steps, 1)
     warm = base * (start_factor + (1.0 - start_factor) * warm)
     n_cos = total_steps - warmup_steps
@@ -53,9 +68,45 @@ def target_momentum(m0: float, total_steps: int) -> torch.Tensor:
     along a cosine towards 1. As in the reference (k/K, not k/(K−1)), the last value
     1 − (1 − m0)·(1 − cos(π/K))/2 stays just below 1, so the last update still moves the target.
     """
-    if total_steps < 1:
-        raise UserError(f"a schedule needs at least one optimizer step, got {total_steps}")
-    if not 0.0 <= m0 <= 1.0:
-        raise UserError(f"target momentum must be in [0, 1], got {m0}")
+    _check_momentum(m0, total_steps)
     k = torch.arange(total_steps, dtype=torch.float64)
     return 1.0 - (1.0 - m0) * 0.5 * (torch.cos(math.pi * k / total_steps) + 1.0)
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """``warmup_cosine``'s value at one step, in O(1) time and memory; validated on creation."""
+
+    base: float
+    total_steps: int
+    warmup_steps: int
+    start_factor: float = 1e-4
+    final_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_warmup(self.total_steps, self.warmup_steps)
+
+    def __call__(self, k: int) -> float:
+        k = min(max(k, 0), self.total_steps - 1)
+        w, base = self.warmup_steps, self.base
+        if k < w:
+            return base * (self.start_factor + (1.0 - self.start_factor) * k / max(w, 1))
+        n_cos = self.total_steps - w
+        t = (k - w) / max(n_cos - 1, 1)
+        final = self.final_factor * base
+        return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class TargetMomentum:
+    """``target_momentum``'s value at one step, in O(1) time and memory."""
+
+    m0: float
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        _check_momentum(self.m0, self.total_steps)
+
+    def __call__(self, k: int) -> float:
+        k = min(max(k, 0), self.total_steps - 1)
+        return 1.0 - (1.0 - self.m0) * 0.5 * (math.cos(math.pi * k / self.total_steps) + 1.0)
