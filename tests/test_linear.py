@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sslctl import checkpoint, config, dist
 from sslctl.backbones import build_backbone
 from sslctl.cli.app import app
-from sslctl.eval.linear import StandardProbe, train_cached_head
+from sslctl.eval.linear import StandardProbe, fits_in_half_free, place_features, train_cached_head
 from sslctl.eval.splits import resolve_splits
 from sslctl.log import read_jsonl
 from tests.linear_helpers import make_dataset, make_split, make_weights, one_torch_thread, tiny_sets
@@ -180,3 +180,15 @@ def test_resume_refuses_a_run_of_other_weights(files, tmp_path):
     other = make_weights(tmp_path / "other.safetensors", seed=2)
     r = _cli("linear-eval", str(other), "--data", str(data), "--out", str(out))
     _one_line_error(r, "holds a linear evaluation of other weights")
+
+
+def test_cached_features_and_labels_land_on_one_device() -> None:
+    """The cached probe once moved labels to the features' *old* device (CPU) while the
+    features went to the GPU, so ``ty[idx]`` raised on CUDA. ``meta`` stands in for the GPU."""
+    feats, labels = torch.randn(6, 4), torch.arange(6, dtype=torch.int32)
+    meta = torch.device("meta")
+    f, y = place_features(feats, labels, meta, fits=lambda t, d: True)
+    assert f.device == y.device == meta and y.dtype == torch.int64
+    f, y = place_features(feats, labels, meta, fits=lambda t, d: False)  # too big: stay put
+    assert f.device == y.device == torch.device("cpu")
+    assert not fits_in_half_free(feats, torch.device("cpu"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -373,12 +374,32 @@ def _standardiser(train_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, std
 
 
-def to_device_if_fits(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The whole feature matrix on the accelerator when it fits in half its free memory."""
+def fits_in_half_free(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` fits in half the accelerator's free memory (False for the CPU)."""
     if device.type != "cuda":
-        return t
+        return False
     free, _ = torch.cuda.mem_get_info(device)
-    return t.to(device) if t.numel() * t.element_size() < free // 2 else t
+    return t.numel() * t.element_size() < free // 2
+
+
+def to_device_if_fits(
+    t: torch.Tensor,
+    device: torch.device,
+    fits: Callable[[torch.Tensor, torch.device], bool] = fits_in_half_free,
+) -> torch.Tensor:
+    """The whole feature matrix on the accelerator when it fits (``fits``), else where it is."""
+    return t.to(device) if fits(t, device) else t
+
+
+def place_features(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    fits: Callable[[torch.Tensor, torch.device], bool] = fits_in_half_free,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features on the accelerator when they fit, and their labels (int64) beside them."""
+    feats = to_device_if_fits(feats, device, fits)
+    return feats, labels.to(feats.device, torch.int64)
 
 
 @torch.no_grad()
@@ -407,6 +428,7 @@ def train_cached_head(
     seed: int = 0,
     metrics: log.MetricsWriter | None = None,
     desc: str = "cached probe",
+    fits: Callable[[torch.Tensor, torch.device], bool] = fits_in_half_free,
 ) -> ProbeResult:
     """A linear head on cached features (n×d, labels n): the fast proxy, not SPEC §3.
 
@@ -417,7 +439,7 @@ def train_cached_head(
     per-iteration cosine; top-1/top-5 on the val features after every epoch.
     """
     (tf, ty), (vf, vy) = train, val
-    tf, ty = to_device_if_fits(tf, device), ty.to(tf.device, torch.int64)
+    tf, ty = place_features(tf, ty, device, fits)
     stats = tuple(t.to(device) for t in _standardiser(tf))
     head = make_head(tf.shape[1], num_classes, seed).to(device)
     opt = torch.optim.SGD(head.parameters(), cfg.lr, cfg.momentum, weight_decay=cfg.weight_decay)
