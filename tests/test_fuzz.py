@@ -8,12 +8,16 @@ import struct
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from sslctl import UserError, checkpoint, config
-from sslctl.data.readers import read_list_file
+pytest.importorskip("hypothesis")  # a dev extra; the GPU machine may lack it
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sslctl import UserError, checkpoint, config  # noqa: E402
+from sslctl.data.readers import read_list_file  # noqa: E402
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
