@@ -99,8 +99,11 @@ def measure(
     warmup: int,
     channels_last: bool = True,
     compiled: bool = False,
+    cudnn_benchmark: bool = False,
 ) -> dict[str, float | str | bool]:
     cuda = torch.cuda.is_available()
+    # Autotuning per input shape: multi-resolution draws give a new shape most steps.
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sets = [
         f"train.precision={precision}",
@@ -162,6 +165,7 @@ def measure(
         "size": cfg.data.image_size,
         "channels_last": bool(cuda and channels_last),
         "compile": compiled,
+        "cudnn_benchmark": cudnn_benchmark,
         "first_step_s": t_compile,
         "median_step_s": step_s,
         "img_per_s": batch / step_s,
@@ -180,6 +184,7 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--channels-last", nargs="+", choices=["on", "off"], default=["on"])
     ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["off"])
+    ap.add_argument("--cudnn-benchmark", choices=["on", "off"], default="off")
     ap.add_argument("--batch", type=int, default=196)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
@@ -200,7 +205,10 @@ def main() -> None:
     for comp in a.compile:
         for cl in a.channels_last:
             for p in a.precision:
-                r = measure(a.profile, p, a.batch, a.steps, a.warmup, cl == "on", comp == "on")
+                r = measure(
+                    a.profile, p, a.batch, a.steps, a.warmup, cl == "on", comp == "on",
+                    a.cudnn_benchmark == "on",
+                )  # fmt: skip
                 r["mfu"] = float(r["img_per_s"]) * a.gflop_per_image / (a.peak_tflops * 1e3)
                 rows.append(r)
                 print(

@@ -76,34 +76,59 @@ def _loss_and_grads(t: Trainer, v1: torch.Tensor, v2: torch.Tensor) -> tuple[flo
     return float(loss), torch.cat(grads)
 
 
-def test_amp_fp16_and_bf16_steps_are_finite_and_close_to_fp32(tmp_path: Path) -> None:
+@pytest.fixture
+def exact_fp32():
+    """fp32 references in true fp32: cuDNN's default TF32 convolutions would be the noise floor."""
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
+
+
+# bf16 keeps 8 bits of mantissa: through a randomly initialised ResNet-18 with BN at batch 64
+# the whole gradient's cosine to fp32 measured 0.886 (Triplet, H200) to 0.895 (BYOL, CPU bf16);
+# fp16 with GradScaler stayed above 0.97 (Triplet, H200). The bounds guard against a broken AMP
+# path (scaling, casts: cosine near 0), not against bf16's rounding.
+@pytest.mark.parametrize("method", ["triplet", "byol"])
+@pytest.mark.parametrize(("precision", "min_cos"), [("fp16", 0.97), ("bf16", 0.8)])
+def test_amp_steps_are_finite_and_close_to_fp32(
+    tmp_path: Path, exact_fp32: None, method: str, precision: str, min_cos: float
+) -> None:
     v1, v2 = next(TensorLoader(64, 64, size=32, seed=3).epoch(0))
+    m = f"method.name={method}"
     ref_loss, ref_grad = _loss_and_grads(
-        _trainer(tmp_path / "fp32", "train.precision=fp32"), v1, v2
+        _trainer(tmp_path / "fp32", "train.precision=fp32", m), v1, v2
     )
     assert math.isfinite(ref_loss) and torch.isfinite(ref_grad).all()
-    for precision, tol in (("fp16", 0.02), ("bf16", 0.05)):
-        t = _trainer(tmp_path / precision, f"train.precision={precision}")
-        assert t.scaler.is_enabled() == (precision == "fp16")
-        loss, grad = _loss_and_grads(t, v1, v2)
-        assert math.isfinite(loss) and torch.isfinite(grad).all(), precision
-        assert abs(loss - ref_loss) <= tol * abs(ref_loss) + 1e-3, (precision, loss, ref_loss)
-        cos = F.cosine_similarity(grad, ref_grad, dim=0).item()
-        assert cos > 0.97, (precision, cos)
-        t.optimizer_step(finite=True)  # LARS + target update in the AMP path: weights stay finite
-        assert all(torch.isfinite(p).all() for p in t.method.parameters())
+    t = _trainer(tmp_path / precision, f"train.precision={precision}", m)
+    assert t.scaler.is_enabled() == (precision == "fp16")
+    loss, grad = _loss_and_grads(t, v1, v2)
+    assert math.isfinite(loss) and torch.isfinite(grad).all()
+    assert abs(loss - ref_loss) <= 0.05 * abs(ref_loss) + 1e-2, (loss, ref_loss)
+    cos = F.cosine_similarity(grad, ref_grad, dim=0).item()
+    print(
+        f"{method} {precision}: loss {loss:.5f} vs fp32 {ref_loss:.5f}, gradient cosine {cos:.4f}"
+    )
+    assert cos > min_cos, cos
+    t.optimizer_step(finite=True)  # LARS + target update in the AMP path: weights stay finite
+    assert all(torch.isfinite(p).all() for p in t.method.parameters())
 
 
-def test_channels_last_gives_the_same_step(tmp_path: Path) -> None:
+def test_channels_last_gives_the_same_step(tmp_path: Path, exact_fp32: None) -> None:
     v1, v2 = next(TensorLoader(64, 64, size=32, seed=4).epoch(0))
-    cl = _trainer(tmp_path / "cl", "train.precision=fp32", "train.channels_last=true")
+    byol = "method.name=byol"  # a smooth loss: no top-k choice of negatives to flip
+    cl = _trainer(tmp_path / "cl", "train.precision=fp32", "train.channels_last=true", byol)
     conv = cl.method.online.encoder.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    plain = _trainer(tmp_path / "nc", "train.precision=fp32", "train.channels_last=false")
+    plain = _trainer(tmp_path / "nc", "train.precision=fp32", "train.channels_last=false", byol)
     a, ga = _loss_and_grads(cl, v1, v2)
     b, gb = _loss_and_grads(plain, v1, v2)
-    assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
-    assert F.cosine_similarity(ga, gb, dim=0).item() > 0.999
+    cos = F.cosine_similarity(ga, gb, dim=0).item()
+    print(
+        f"channels_last vs contiguous (fp32, TF32 off): loss {a:.6f} vs {b:.6f}, cosine {cos:.6f}"
+    )
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert cos > 0.999
 
 
 def test_syncbn_conversion_runs_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,21 +154,30 @@ def test_syncbn_conversion_runs_on_cuda(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_gpu_reid_ranks_equal_cpu_ranks() -> None:
+    """Same features, same ranks on both devices, ties included. The features are small
+    multiples of 1/8 so every score is exact in fp32 on any device: with continuous random
+    features, summation order alone flips near-ties (the first GPU run found a few)."""
     from sslctl.eval.reid_metrics import LabeledFeatures, positive_ranks, summarize
 
     g = torch.Generator().manual_seed(0)
-    n_g, n_q, d = 3000, 200, 128
-    gf = F.normalize(torch.randn(n_g, d, generator=g), dim=1)
+    n_g, n_q, d = 3000, 200, 64
+    gf = torch.randint(-3, 4, (n_g, d), generator=g).float() / 8
+    qf = torch.randint(-3, 4, (n_q, d), generator=g).float() / 8
+    qf[:50] = gf[:50]  # some queries identical to gallery images
     gid = torch.randint(0, 60, (n_g,), generator=g)
     qid = torch.randint(1, 60, (n_q,), generator=g)
-    qf = F.normalize(gf[torch.randint(0, n_g, (n_q,), generator=g)] + 0.5 * torch.randn(n_q, d), 1)
     cams_g, cams_q = torch.randint(1, 4, (n_g,), generator=g), torch.full((n_q,), 9)
     q = LabeledFeatures(qf, qid, cams_q)
     cpu = positive_ranks(q, LabeledFeatures(gf, gid, cams_g), block=64)
     gpu = positive_ranks(q, LabeledFeatures(gf.cuda(), gid, cams_g), block=64)
+    assert (cpu.pess != cpu.opt).any()  # ties exist, and both tie rules are compared
     assert torch.equal(cpu.pess, gpu.pess.cpu()) and torch.equal(cpu.opt, gpu.opt.cpu())
     assert torch.equal(cpu.offsets, gpu.offsets.cpu()) and cpu.valid.any()
     assert summarize(cpu) == summarize(gpu)
+    for metric in ("euclidean",):
+        a = positive_ranks(q, LabeledFeatures(gf, gid, cams_g), metric=metric, block=50)
+        b = positive_ranks(q, LabeledFeatures(gf.cuda(), gid, cams_g), metric=metric, block=50)
+        assert torch.equal(a.pess, b.pess.cpu()) and torch.equal(a.opt, b.opt.cpu())
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
