@@ -39,7 +39,8 @@ from sslctl.data.index import build_index, index_path  # noqa: E402
 from sslctl.data.readers import scan_imagefolder  # noqa: E402
 from sslctl.data.views import byol_views  # noqa: E402
 
-MACHINE = "2-core x86_64 CPU, this sandbox (shared with other jobs)"
+# Named from the machine it runs on (it once said "2-core sandbox" on a 16-core GPU machine).
+MACHINE = f"{os.cpu_count()}-core {platform.machine()} CPU"
 
 
 def _tree_cpu() -> float:
