@@ -34,6 +34,9 @@ class ModelCfg:
     proj_hidden: int = 4096
     proj_dim: int = 256
     pred_hidden: int = 4096
+    # reference: the paper code's initialisation (kaiming fan_in convs and projector, N(0, 0.01)
+    # predictor); torchvision: torchvision's ResNet init and PyTorch's Linear default.
+    init: str = "torchvision"
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,12 @@ class OptimCfg:
     trust_coef: float = 0.001
     warmup_epochs: float = 10.0
     warmup_start_factor: float = 1e-4
-    final_lr_factor: float = 0.0
+    final_lr_factor: float = 0.0  # per-step: the cosine ends at final_lr_factor·lr
     clip_grad: float = 0.0  # 0 = no clipping
+    # reference: mmcv 1.0.3's per-epoch cosine over all epochs, times a per-micro-iteration
+    # warm-up; per-step: linear warm-up then a per-step cosine over the remaining steps.
+    schedule: str = "per-step"
+    min_lr: float = 0.0  # reference schedule: the cosine's floor (mmcv's min_lr)
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,8 @@ KINDS = ("pretrain", "linear-eval")
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("triplet", "byol"),
     "optim.name": ("lars", "sgd", "adamw"),
+    "optim.schedule": ("reference", "per-step"),
+    "model.init": ("reference", "torchvision"),
     "train.precision": ("fp16", "bf16", "fp32"),
     "data.backend": ("auto", "torchvision", "dali"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "convnet4"),

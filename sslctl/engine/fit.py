@@ -23,7 +23,7 @@ from sslctl import UserError, __version__, checkpoint, dist, last_line, log
 from sslctl.config import Config, from_json, to_yaml
 from sslctl.engine.lars import LARS, param_groups_lars
 from sslctl.engine.preempt import StopFlag
-from sslctl.engine.schedules import TargetMomentum, WarmupCosine
+from sslctl.engine.schedules import ReferenceLR, TargetMomentum, WarmupCosine
 from sslctl.methods import SiameseMethod, build_method
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -102,6 +102,20 @@ def build_optimizer(cfg: Config, online: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
+def lr_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """The lr at each optimizer step: ``optim.schedule`` reference (the paper code's mmcv
+    semantics) or per-step (linear warm-up, then a per-step cosine)."""
+    o, t = cfg.optim, cfg.train
+    if o.schedule == "reference":
+        return ReferenceLR(
+            o.lr, t.epochs, steps_per_epoch, t.accumulate, o.warmup_epochs,
+            o.warmup_start_factor, o.min_lr,
+        )  # fmt: skip
+    warm = round(o.warmup_epochs * steps_per_epoch)
+    total = t.epochs * steps_per_epoch
+    return WarmupCosine(o.lr, total, warm, o.warmup_start_factor, o.final_lr_factor)
+
+
 class Trainer:
     """Holds the state of one run; ``run()`` trains until done, max_steps or a stop signal."""
 
@@ -127,15 +141,8 @@ class Trainer:
         self._prepare_model()
         self.opt = build_optimizer(cfg, self.method.online)
         self.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.train.precision == "fp16")
-        warm = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         # Evaluated per step: cheap for any run length (no list of 10⁵–10⁹ floats).
-        self.lr = WarmupCosine(
-            cfg.optim.lr,
-            self.total_steps,
-            warm,
-            cfg.optim.warmup_start_factor,
-            cfg.optim.final_lr_factor,
-        )
+        self.lr = lr_schedule(cfg, self.steps_per_epoch)
         self.mom = TargetMomentum(cfg.method.base_momentum, self.total_steps)
         self.pos = Position()
         self.nonfinite = 0

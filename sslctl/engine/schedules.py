@@ -110,3 +110,48 @@ class TargetMomentum:
     def __call__(self, k: int) -> float:
         k = min(max(k, 0), self.total_steps - 1)
         return 1.0 - (1.0 - self.m0) * 0.5 * (math.cos(math.pi * k / self.total_steps) + 1.0)
+
+
+@dataclass(frozen=True)
+class ReferenceLR:
+    """The paper code's lr (mmcv 1.0.3 ``CosineAnnealing`` with ``warmup='linear'``,
+    ``warmup_by_epoch=True``) at optimizer step ``k`` (0-based), in O(1).
+
+    mmcv's cosine is per epoch — constant within an epoch — over all E epochs, warm-up included;
+    its warm-up is per micro-iteration and multiplies that epoch's cosine value. With S optimizer
+    steps per epoch and A micro-batches per step, step k ends micro-iteration i = (k+1)·A − 1 of
+    epoch e = ⌊k/S⌋:  c_e = m + (L − m)·(1 + cos(π·e/E))/2, and
+    lr = c_e·(r + (1 − r)·i/W) while i < W = w·S·A, else c_e.
+    """
+
+    base: float  # L
+    epochs: int  # E
+    steps_per_epoch: int  # S
+    accumulate: int  # A
+    warmup_epochs: float  # w
+    start_factor: float = 1e-4  # r
+    min_lr: float = 0.0  # m
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.accumulate < 1:
+            raise UserError(
+                f"a schedule needs at least one epoch, step and micro-batch, got E={self.epochs}, "
+                f"S={self.steps_per_epoch}, A={self.accumulate}"
+            )
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise UserError(
+                f"optim.warmup_epochs {self.warmup_epochs} does not fit a run of {self.epochs} "
+                "epochs; lower the warm-up or raise train.epochs"
+            )
+
+    def __call__(self, k: int) -> float:
+        total = self.epochs * self.steps_per_epoch
+        k = min(max(k, 0), total - 1)
+        e = k // self.steps_per_epoch
+        m, big_l = self.min_lr, self.base
+        c = m + (big_l - m) * (1.0 + math.cos(math.pi * e / self.epochs)) / 2.0
+        i = (k + 1) * self.accumulate - 1
+        w = self.warmup_epochs * self.steps_per_epoch * self.accumulate
+        if i < w:
+            return c * (self.start_factor + (1.0 - self.start_factor) * i / w)
+        return c
