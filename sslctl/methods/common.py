@@ -59,6 +59,31 @@ class StepOut:
     ]  # detached scalars (d_ap, d_an, feat_std, …), synced only at log time
 
 
+@torch.no_grad()
+def reference_init(online: Online) -> None:
+    """The paper code's initialisation (OpenSelfSup; SPEC §1): backbone convolutions and projector
+    Linear layers kaiming-normal (fan_in, relu), predictor Linear layers N(0, 0.01), every bias 0,
+    every BN weight 1 and bias 0 (no zero-init of the residual BN)."""
+
+    def kaiming(m: nn.Module) -> None:
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def small_normal(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+
+    online.encoder.backbone.apply(kaiming)
+    online.encoder.projector.apply(kaiming)
+    online.predictor.apply(small_normal)
+    for m in online.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class SiameseMethod(nn.Module, abc.ABC):
     """online (trained, wrapped by the engine in DDP) + target (EMA, outside DDP and the optimizer)."""
 
@@ -66,7 +91,9 @@ class SiameseMethod(nn.Module, abc.ABC):
         super().__init__()
         self.cfg = cfg
         self.online = Online(cfg)
-        self.target = copy.deepcopy(self.online.encoder)
+        if cfg.model.init == "reference":
+            reference_init(self.online)
+        self.target = copy.deepcopy(self.online.encoder)  # after init: the target copies it
         for p in self.target.parameters():
             p.requires_grad_(False)
 

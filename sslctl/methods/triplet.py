@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,16 +15,31 @@ from sslctl.losses.triplet import truncated_triplet_loss
 from sslctl.methods.common import SiameseMethod, StepOut, feature_std
 
 
-def multires_sizes(cfg: Config, step: int) -> tuple[int, int]:
-    """(online side, target side) for this micro-step, uniform integers as in SPEC §1.
+class Sizes(NamedTuple):
+    """Input sides of one micro-step: each view's online and target forward has its own."""
+
+    online1: int
+    online2: int
+    target1: int
+    target2: int
+
+
+def multires_sizes(cfg: Config, step: int) -> Sizes:
+    """Four independent uniform integer sides for this micro-step, as the reference draws them
+    (online view 1, online view 2 in [online_res_min, online_res_max]; then target view 2,
+    target view 1 in [target_res_min, target_res_max]).
 
     Seeded by (seed, step) so that every rank and a resumed run draw the same sizes.
     """
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     m = cfg.method
-    s_o = int(torch.randint(m.online_res_min, m.online_res_max + 1, (1,), generator=g))
-    s_t = int(torch.randint(m.target_res_min, m.target_res_max + 1, (1,), generator=g))
-    return s_o, s_t
+
+    def draw(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    o1, o2 = draw(m.online_res_min, m.online_res_max), draw(m.online_res_min, m.online_res_max)
+    t2, t1 = draw(m.target_res_min, m.target_res_max), draw(m.target_res_min, m.target_res_max)
+    return Sizes(o1, o2, t1, t2)
 
 
 def resize(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -36,8 +52,9 @@ class Triplet(SiameseMethod):
     def step(self, online: nn.Module, v1: torch.Tensor, v2: torch.Tensor, step: int) -> StepOut:
         c = self.cfg
         if c.method.multires:
-            s_o, s_t = multires_sizes(c, step)
-            o1, o2, t1, t2 = resize(v1, s_o), resize(v2, s_o), resize(v1, s_t), resize(v2, s_t)
+            s = multires_sizes(c, step)
+            o1, o2 = resize(v1, s.online1), resize(v2, s.online2)
+            t1, t2 = resize(v1, s.target1), resize(v2, s.target2)
         else:
             o1, o2, t1, t2 = v1, v2, v1, v2
         p1, z1 = online(o1)
