@@ -187,3 +187,62 @@ def test_periodic_monitor_runs_every_n_epochs_and_logs(tmp_path):
     assert len(calls) == 2  # after epochs 2 and 4
     recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "knn_top1" in r]
     assert [r["epoch"] for r in recs] == [2, 4] and recs[0]["knn_top1"] == 42.0
+
+
+def test_nonfinite_gradients_with_a_finite_loss_stop_without_nan_weights(tmp_path, monkeypatch):
+    """bf16/fp32 have no GradScaler: a finite loss with NaN gradients must not reach LARS
+    (whose trust ratio would fall back to 1 and write NaN weights)."""
+    cfg = small_cfg("train.max_nonfinite=2", "train.epochs=3")
+    run(tmp_path, cfg, max_steps=2)
+    from sslctl.engine import fit as fit_mod
+
+    real = fit_mod.Trainer.micro_step
+
+    def poisoned(self, v1, v2, last):
+        loss, stats = real(self, v1, v2, last)
+        next(self.method.online.parameters()).grad.fill_(float("nan"))
+        return loss, stats
+
+    monkeypatch.setattr(fit_mod.Trainer, "micro_step", poisoned)
+    with pytest.raises(fit_mod.TrainingHalted, match="non-finite for 2 steps.*gradients"):
+        run(tmp_path, cfg)
+    assert checkpoint.resolve(tmp_path).step == 2
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+
+
+def test_one_host_sync_per_optimizer_step(tmp_path, monkeypatch):
+    """The loss check, the gradient check and the stop flag are agreed in one collective and read
+    with one ``tolist``/``item`` per optimizer step (there were two collectives and two reads)."""
+    cfg = small_cfg("train.log_every=1000", "train.epochs=2")
+    reads = {"n": 0, "collectives": 0}
+    for name in ("all_reduce_max", "all_reduce_mean", "any_rank"):
+        real_c = getattr(dist, name)
+
+        def collective(*a, _real=real_c, **k):
+            reads["collectives"] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(dist, name, collective)
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            reads["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    from sslctl.engine import fit as fit_mod
+
+    counts: list[tuple[int, int]] = []
+    real_step = fit_mod.Trainer.optimizer_step
+
+    def step(self, finite):
+        counts.append((reads["n"], reads["collectives"]))
+        real_step(self, finite)
+
+    monkeypatch.setattr(fit_mod.Trainer, "optimizer_step", step)
+    res = run(tmp_path, cfg)
+    assert res.step == 4
+    # steps 1→2 and 3→4 lie within an epoch; 2→3 crosses the epoch end's save (one any_rank)
+    diffs = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(counts, counts[1:], strict=False)]
+    assert diffs[0] == diffs[2] == (1, 1) and diffs[1][0] == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,20 @@ class _DDP(DDP):
             return super()._sync_buffers()
         with keep(tuple(self.modules_buffers)):
             return super()._sync_buffers()
+
+
+def _found_inf(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torch.Tensor | None:
+    """GradScaler's inf flag for ``opt`` after ``unscale_`` (a device scalar), or None when this
+    torch keeps it elsewhere (then ``GradScaler.step`` decides, at the cost of its host sync)."""
+    try:
+        found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not found:
+        return None
+    return torch.stack(
+        [v.reshape(()).to(next(iter(found.values())).device) for v in found.values()]
+    ).sum()
 
 
 class TrainingHalted(UserError):
@@ -146,6 +159,9 @@ class Trainer:
         self.mom = TargetMomentum(cfg.method.base_momentum, self.total_steps)
         self.pos = Position()
         self.nonfinite = 0
+        self._unscaled = False  # GradScaler.unscale_ already ran for this step (in _agree)
+        self._overflow: bool | None = None  # this step's fp16 overflow, when known on the host
+        self._overflow_known = False
         self.metrics_path = req.run_dir / "metrics.jsonl"
 
     def _prepare_model(self) -> None:
@@ -153,14 +169,21 @@ class Trainer:
         cuda = di.device.type == "cuda"
         if cfg.model.sync_bn and di.world_size > 1 and cuda:
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)  # type: ignore[assignment]
+        if cuda and cfg.train.precision == "fp32":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 training only
         if cuda and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.online: nn.Module = self.method.online
         if di.world_size > 1:
             ids = [di.device.index] if cuda else None
+            synced_bn = cfg.model.sync_bn and cuda
             self.online = _DDP(
                 self.method.online,
                 device_ids=ids,
+                # SyncBN computes batch statistics over all ranks, so running statistics agree
+                # without the forward-time broadcast; plain BN keeps rank 0's, as before.
+                broadcast_buffers=not synced_bn,
+                gradient_as_bucket_view=True,  # no separate gradient copy of every bucket
             )
 
     # ----------------------------------------------------------------- checkpoints
@@ -321,16 +344,33 @@ class Trainer:
         return out.loss.detach(), out.stats
 
     def optimizer_step(self, finite: bool) -> None:
+        """LARS/SGD/AdamW step (skipped when not ``finite``), target update, zero_grad.
+
+        After ``_agree`` (the training loop) the gradients are already unscaled and the
+        overflow verdict is known on the host, so the fp16 step calls the optimizer itself
+        instead of ``GradScaler.step``, which would read its inf flag with another host sync.
+        """
         k = min(self.pos.step, self.total_steps - 1)
         for g in self.opt.param_groups:
             g["lr"] = self.lr(k)
+        unscaled, self._unscaled = self._unscaled, False
         if finite:
             if self.cfg.optim.clip_grad > 0:
-                self.scaler.unscale_(self.opt)
+                if not unscaled:
+                    self.scaler.unscale_(self.opt)
+                    unscaled = True
                 nn.utils.clip_grad_norm_(self.method.online.parameters(), self.cfg.optim.clip_grad)
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            if unscaled and self._overflow is not None:
+                if not self._overflow:
+                    self.opt.step()
+                self.scaler.update()  # lowers the scale after an overflow, as scaler.step would
+            else:
+                self.scaler.step(self.opt)
+                self.scaler.update()
             self.method.update_target(self.mom(k))
+        elif unscaled:
+            self.scaler.update()  # forget this step's unscale (and lower the scale on overflow)
+        self._overflow = None
         self.opt.zero_grad(set_to_none=True)
         self.pos.step += 1
 
@@ -351,22 +391,56 @@ class Trainer:
         self.metrics.write(rec)
         return rec
 
-    def _check_finite(self, loss_sum: torch.Tensor) -> bool:
-        """Agree across ranks whether this step's loss is finite; halt after too many in a row."""
-        value = float(dist.all_reduce_mean(loss_sum).item())
-        if math.isfinite(value):
+    def _bad_grads(self) -> torch.Tensor:
+        """1 (a device scalar, no host sync) when a gradient of this step is not finite.
+
+        fp16: unscale now and take GradScaler's own inf flag (an overflow there is routine: the
+        step is skipped and the scale lowered). bf16/fp32 have no scaler, so a finite loss with
+        non-finite gradients would reach LARS, whose trust ratio then falls back to 1 and writes
+        NaN weights: check the gradient norms.
+        """
+        dev = self.di.device
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
+            self._unscaled = True
+            found = _found_inf(self.scaler, self.opt)
+            self._overflow_known = found is not None
+            return torch.zeros((), device=dev) if found is None else found.to(dev)
+        grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=dev)
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+        return (~torch.isfinite(total)).float()
+
+    def _agree(self, loss_sum: torch.Tensor, flag: StopFlag) -> tuple[bool, bool]:
+        """(step usable, stop) agreed by every rank: the loss and gradient checks and the stop
+        flag in one 3-value all-reduce, read with the step's one host sync."""
+        dev = self.di.device
+        stop = torch.tensor(float(flag.raised is not None), device=dev)
+        bad_loss = (~torch.isfinite(loss_sum)).float()
+        flags = dist.all_reduce_max(torch.stack([bad_loss, self._bad_grads(), stop]))
+        bad_loss_v, bad_grads_v, stop_v = flags.tolist()
+        fp16 = self.scaler.is_enabled()
+        self._overflow = bad_grads_v > 0 if (fp16 and self._overflow_known) else None
+        usable = bad_loss_v == 0 and (fp16 or bad_grads_v == 0)
+        self._count_nonfinite(usable, "loss" if bad_loss_v else "gradients")
+        return usable, stop_v > 0
+
+    def _count_nonfinite(self, usable: bool, what: str) -> None:
+        """Halt after train.max_nonfinite unusable steps in a row (nothing is saved from them)."""
+        if usable:
             self.nonfinite = 0
-            return True
+            return
         self.nonfinite += 1
         log.warn(
-            f"non-finite loss at step {self.pos.step} ({self.nonfinite} in a row): step skipped"
+            f"non-finite {what} at step {self.pos.step} ({self.nonfinite} in a row): step skipped"
         )
         if self.nonfinite >= self.cfg.train.max_nonfinite:
             raise TrainingHalted(
-                f"the loss was non-finite for {self.nonfinite} steps in a row (step {self.pos.step}); "
-                "the last good checkpoint is kept — lower optim.lr or use train.precision=bf16/fp32"
+                f"training was non-finite for {self.nonfinite} steps in a row (last: {what}, "
+                f"step {self.pos.step}); the last good checkpoint is kept — lower optim.lr or "
+                "use train.precision=bf16/fp32"
             )
-        return False
 
     def _epoch(self, stop_at: int, bar: Any, task: Any, flag: StopFlag) -> str | None:
         """Train through the rest of the current epoch; returns a stop reason or None."""
@@ -387,7 +461,7 @@ class Trainer:
             self.pos.batch = micro + 1
             if not last:
                 continue
-            finite = self._check_finite(loss_sum)
+            finite, stop = self._agree(loss_sum, flag)
             self.optimizer_step(finite)
             window["loss"] = window.get("loss", 0) + loss_sum  # a skipped step makes the window NaN
             window["_n"] += 1
@@ -399,7 +473,7 @@ class Trainer:
                 window = {"_n": 0}
                 bar.update(task, stats=f"loss {self.last_loss:.4f}  {rate:.1f} img/s")
             bar.update(task, completed=self.pos.step)
-            if flag.agreed():
+            if stop:
                 return "signal"
             if self.pos.step >= stop_at and micro + 1 < micro_total:
                 return "max_steps"
