@@ -147,7 +147,48 @@ def test_reference_pth(tmp_path, part, r18_pair):
     state, meta = checkpoint.load_safetensors(out)
     want = (online if part == "online" else target).state_dict()
     assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
-    assert res.source_kind == "reference-mmcv" and meta["step"] == "117500"
+    # mmcv's iter counts micro-iterations; with no saved config the optimizer step is unknown.
+    assert res.source_kind == "reference-mmcv" and meta["step"] == res.step == "unknown"
+
+
+# The reference's accumulating config as mmcv saves it in a checkpoint's meta["config"]: the
+# file's path on a line of its own, then its text (an excerpt of
+# configs/selfsup/triplet/r50_bs4096_accumulate4_ep1000_fp16_triplet_gpu3090.py).
+_ACCUMULATE4 = """configs/selfsup/triplet/r50_bs4096_accumulate4_ep1000_fp16_triplet_gpu3090.py
+_base_ = '../../base.py'
+use_fp16 = True
+update_interval = 4  # interval for accumulate gradient
+custom_hooks = [
+    dict(type='TripletHook', end_momentum=1., update_interval=update_interval)
+]
+optimizer = dict(type='LARS', lr=4.8, weight_decay=0.000001, momentum=0.9)
+optimizer_config = dict(update_interval=update_interval, use_fp16=use_fp16)
+total_epochs = 1000
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "step", "report"),
+    [
+        (_ACCUMULATE4, "29375", "update_interval 4 makes that 29375 optimizer steps"),
+        # DistOptimizerHook's default interval is 1: every micro-iteration is a step.
+        ("optimizer_config = dict()  # grad_clip, coalesce", "117500", "117500 optimizer steps"),
+        ("/abs/base.py\noptimizer_config = {'update_interval': 6}", "19583", "interval 6"),
+        (None, "unknown", "not optimizer steps; no saved config gives update_interval"),
+        ("optimizer_config = dict(update_interval=", "unknown", "step unknown"),  # unparsable
+        ("optimizer_config = dict(update_interval=n)", "unknown", "step unknown"),  # n undefined
+        ("lr = 0.1", "unknown", "step unknown"),  # no optimizer_config
+    ],
+)
+def test_reference_meta_iter_is_micro_iterations(tmp_path, r18_pair, capsys, config, step, report):
+    online, target = r18_pair
+    extra = {} if config is None else {"config": config}
+    _reference_pth(tmp_path / "ref.pth", online, target, extra_meta=extra)
+    out = tmp_path / "r.safetensors"
+    res = api.extract(tmp_path / "ref.pth", out)
+    assert res.step == step and checkpoint.load_safetensors(out)[1]["step"] == step
+    err = " ".join(capsys.readouterr().err.split())
+    assert "mmcv meta iter 117500 counts micro-iterations" in err and report in err
 
 
 def test_plain_torchvision_state_dict_with_fc(tmp_path):

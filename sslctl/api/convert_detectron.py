@@ -24,14 +24,20 @@ class ConvertDetectronResult:
 
 
 def convert_detectron(
-    source: Path, output: Path, part: str = "online", configs: Path | None = None
+    source: Path,
+    output: Path,
+    part: str = "online",
+    configs: Path | None = None,
+    configs_style: str = "reference",
 ) -> ConvertDetectronResult:
     """Convert ``source`` (any input read_backbone accepts) to ``output`` (.pkl), atomically.
 
     The converted names are checked against detectron2's full backbone parameter list for the
     architecture: nothing missing, nothing extra. ``configs``: a directory for the COCO and VOC
-    R50-C4 configs (SPEC §5) that point at ``output``.
+    R50-C4 configs (SPEC §5) that point at ``output``; ``configs_style``: "reference" (the
+    paper's code as committed) or "moco" (detectron2's step schedule, VOC 24k).
     """
+    d2.check_style(configs_style)
     output = Path(output)
     if output.suffix != ".pkl":
         raise UserError(
@@ -54,10 +60,12 @@ def convert_detectron(
         d2.config_depth(bb.arch)  # refuse before writing anything
     model = d2.to_detectron2(bb.state, bb.arch, origin)
     d2.write_pickle(output, model)
-    files = d2.write_configs(Path(configs), output, bb.arch) if configs is not None else []
-    commands = tuple(
-        d2.train_command(Path(configs).resolve(), stem) for stem in d2.TASKS if configs is not None
-    )
+    files: list[Path] = []
+    commands: tuple[str, ...] = ()
+    if configs is not None:
+        files = d2.write_configs(Path(configs), output, bb.arch, configs_style)
+        stems = d2.run_stems(configs_style)
+        commands = tuple(d2.train_command(Path(configs).resolve(), s) for s in stems)
     return ConvertDetectronResult(
         output=output,
         arch=bb.arch,

@@ -12,7 +12,8 @@ from sslctl.cli.common import out_console, user_errors
 
 HELP = (
     "Convert a backbone to detectron2's .pkl, checked against its full ResNet parameter list; "
-    "--configs DIR adds self-contained COCO and VOC R50-C4 fine-tuning configs."
+    "--configs DIR adds COCO and VOC R50-C4 fine-tuning configs (--configs-style reference: the "
+    "paper's code as committed; moco: detectron2's step schedule, VOC 24k)."
 )
 
 
@@ -30,8 +31,15 @@ def command(
     configs: Annotated[
         Path | None, typer.Option(help="also write detectron2 configs and train_net.py here")
     ] = None,
+    configs_style: Annotated[
+        str,
+        typer.Option(
+            help="reference (lr 0.05, warm-up + cosine, 180k iterations, as the paper's code) "
+            "or moco (lr 0.02, step schedule, VOC 24k)"
+        ),
+    ] = "reference",
 ) -> None:
-    r = api.convert_detectron(source, output, part, configs)
+    r = api.convert_detectron(source, output, part, configs, configs_style)
     out_console.print(
         f"wrote {r.output}: {r.arch} from {r.source} ({r.source_kind}); {r.tensors} tensors, "
         f"exactly detectron2's {r.arch} backbone names, BN running statistics included "

@@ -13,6 +13,7 @@ Pickles are only ever read with ``weights_only=True``: a file that needs to exec
 
 from __future__ import annotations
 
+import ast
 import pickle
 import re
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from sslctl import UserError, checkpoint, log
 
@@ -39,7 +41,9 @@ _CONTAINERS = ("state_dict", "model", "model_state")
 class BackboneWeights:
     state: dict[str, torch.Tensor]  # torchvision key names, no fc
     source_kind: str  # sslctl-checkpoint | sslctl-backbone | torchvision | reference-mmcv
-    meta: dict[str, str]  # method, arch, step … where the source says
+    # method, arch, step … where the source says; a reference .pth adds micro_iters (mmcv's
+    # iter) and, when its saved config gives one, update_interval, from which step is derived
+    meta: dict[str, str]
 
 
 def _is_ours(path: Path) -> bool:
@@ -133,7 +137,14 @@ def _read_pickle(path: Path, part: str, trust_pickle: bool = False) -> BackboneW
     obj = _load_pickle(path, trust_pickle)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    state, kind = _pickled_backbone(obj, path, part)
     meta = {"source": str(path), **_mmcv_meta(obj.get("meta"))}
+    if "micro_iters" in meta:
+        log.info(_iters_report(path, meta))
+    return BackboneWeights(state, kind, meta)
+
+
+def _pickled_backbone(obj: dict, path: Path, part: str) -> tuple[dict[str, torch.Tensor], str]:
     sd = next((obj[k] for k in _CONTAINERS if isinstance(obj.get(k), dict)), obj)
     for prefix in _PICKLE_PREFIXES[part]:
         sub = {
@@ -142,7 +153,7 @@ def _read_pickle(path: Path, part: str, trust_pickle: bool = False) -> BackboneW
             if isinstance(k, str) and k.startswith(prefix)
         }
         if sub:
-            return BackboneWeights(_tensors(_strip_fc(sub), path), "reference-mmcv", meta)
+            return _tensors(_strip_fc(sub), path), "reference-mmcv"
     if part != "online":
         raise UserError(
             f"{path}: no target network inside (looked for {', '.join(_PICKLE_PREFIXES[part])}); "
@@ -154,19 +165,95 @@ def _read_pickle(path: Path, part: str, trust_pickle: bool = False) -> BackboneW
             f"{path}: no backbone inside (no conv1.weight, stage1.conv.weight, backbone.* or "
             "online_net.0.* keys)"
         )
-    return BackboneWeights(_strip_fc(state), "torchvision", meta)
+    return _strip_fc(state), "torchvision"
+
+
+def _iters_report(path: Path, meta: dict[str, str]) -> str:
+    said = f"{escape(str(path))}: mmcv meta iter {meta['micro_iters']} counts micro-iterations"
+    if "step" not in meta:
+        return f"{said}, not optimizer steps; no saved config gives update_interval: step unknown"
+    n = meta["update_interval"]
+    return f"{said}; its config's update_interval {n} makes that {meta['step']} optimizer steps"
 
 
 def _mmcv_meta(meta: object) -> dict[str, str]:
-    """mmcv's checkpoint ``meta`` records ``iter`` (optimizer steps) and ``epoch``."""
+    """mmcv's checkpoint ``meta``: ``iter`` counts micro-iterations (one per batch, accumulated
+    or not), ``epoch`` epochs. Optimizer steps are ``iter // update_interval`` where the config
+    text saved beside them gives the interval; otherwise the step stays unknown.
+    """
     if not isinstance(meta, dict):
         return {}
     out = {}
-    if isinstance(meta.get("iter"), int):
-        out["step"] = str(meta["iter"])
+    iters = meta.get("iter")
+    if isinstance(iters, int) and not isinstance(iters, bool):
+        out["micro_iters"] = str(iters)
+        config = meta.get("config")
+        interval = _update_interval(config) if isinstance(config, str) else None
+        if interval is not None:
+            out["update_interval"] = str(interval)
+            # DistOptimizerHook steps after micro-iterations n, 2n, …: whole steps only.
+            out["step"] = str(iters // interval)
     if isinstance(meta.get("epoch"), int):
         out["epoch"] = str(meta["epoch"])
     return out
+
+
+# mmcv's Config.text puts each config file's path on a line of its own before that file's text.
+_PATH_LINE = re.compile(r"\s*\S+\.py\s*")
+_UNSET = object()
+
+
+def _update_interval(config_text: str) -> int | None:
+    """The reference's gradient-accumulation interval, read (never run) from its config text.
+
+    OpenSelfSup builds ``DistOptimizerHook(**optimizer_config)``, which steps the optimizer every
+    ``update_interval`` micro-iterations, 1 when not given. None: no readable optimizer_config.
+    As mmcv merges inherited configs, the last ``optimizer_config`` naming the key decides.
+    """
+    code = "\n".join(ln for ln in config_text.splitlines() if not _PATH_LINE.fullmatch(ln))
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        return None
+    names: dict[str, object] = {}  # top-level constants, for `update_interval=update_interval`
+    seen, value = False, _UNSET
+    for node in body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        target = node.targets[0]
+        if not isinstance(target, ast.Name):
+            continue
+        if target.id == "optimizer_config":
+            seen = True
+            entry = _dict_entry(node.value, "update_interval")
+            if entry is not None:
+                value = _constant(entry, names)
+        else:
+            names[target.id] = _constant(node.value, names)
+    if not seen:
+        return None
+    value = 1 if value is _UNSET else value
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _dict_entry(node: ast.expr, key: str) -> ast.expr | None:
+    """The value given for ``key`` in a ``dict(key=…)`` call or a ``{"key": …}`` literal."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+        return next((kw.value for kw in node.keywords if kw.arg == key), None)
+    if isinstance(node, ast.Dict):
+        for k, v in zip(node.keys, node.values, strict=True):
+            if isinstance(k, ast.Constant) and k.value == key:
+                return v
+    return None
+
+
+def _constant(node: ast.expr, names: dict[str, object]) -> object:
+    if isinstance(node, ast.Name):
+        return names.get(node.id)
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def _tensors(d: dict, path: Path) -> dict[str, torch.Tensor]:
