@@ -246,3 +246,29 @@ def test_one_host_sync_per_optimizer_step(tmp_path, monkeypatch):
     # steps 1→2 and 3→4 lie within an epoch; 2→3 crosses the epoch end's save (one any_rank)
     diffs = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(counts, counts[1:], strict=False)]
     assert diffs[0] == diffs[2] == (1, 1) and diffs[1][0] == 1
+
+
+def test_fp16_fast_step_equals_gradscaler_step(tmp_path, monkeypatch):
+    """fp16: after the agreed unscale the engine steps the optimizer itself (no second host
+    sync); the weights must equal GradScaler.step's, which the engine falls back to when it
+    cannot read the scaler's inf flag. A high initial scale makes the first steps overflow, so
+    both the skip and the step paths run (convnet4: fp16 convolutions are slow on a CPU)."""
+    import functools
+
+    from sslctl.engine import fit as fit_mod
+
+    scaler = functools.partial(torch.amp.GradScaler, init_scale=2.0**17)
+    monkeypatch.setattr(fit_mod.torch.amp, "GradScaler", scaler)
+    cfg = small_cfg(
+        "train.precision=fp16", "train.epochs=2", "model.arch=convnet4", "model.small_stem=false"
+    )
+    fast = run(tmp_path / "fast", cfg)
+    monkeypatch.setattr(fit_mod, "_found_inf", lambda scaler, opt: None)
+    slow = run(tmp_path / "slow", cfg)
+    assert fast.step == slow.step == 4
+    a, b = weights(tmp_path / "fast"), weights(tmp_path / "slow")
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = checkpoint.load_train_state(checkpoint.resolve(tmp_path / "fast").state)
+    assert state["scaler"]["scale"] < 2.0**17, state["scaler"]  # overflowing steps lowered the scale
+    assert state["optimizer"]["state"]  # and later steps stepped the optimizer
