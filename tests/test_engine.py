@@ -270,5 +270,6 @@ def test_fp16_fast_step_equals_gradscaler_step(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = checkpoint.load_train_state(checkpoint.resolve(tmp_path / "fast").state)
-    assert state["scaler"]["scale"] < 2.0**17, state["scaler"]  # overflowing steps lowered the scale
+    # overflowing steps lowered the scale
+    assert state["scaler"]["scale"] < 2.0**17, state["scaler"]
     assert state["optimizer"]["state"]  # and later steps stepped the optimizer
