@@ -148,6 +148,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(_GatherWithGrad.apply(x), dim=0)
 
 
+def gather_equal(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks in rank order (no grad) when every rank's x has the same
+    shape (drop_last micro-batches): no size exchange and no host sync, unlike gather_varsize."""
+    if not is_dist() or world_size() == 1:
+        return x
+    x = x.contiguous()
+    if tdist.get_backend() == "nccl":
+        out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        tdist.all_gather_into_tensor(out, x)
+        return out
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    tdist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
 def gather_varsize(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks in rank order (no grad), allowing different first dims."""
     if not is_dist() or world_size() == 1:

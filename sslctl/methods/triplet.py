@@ -65,7 +65,7 @@ class Triplet(SiameseMethod):
         if c.loss.gather_negatives and dist.world_size() > 1:
             # Explicit option (not the reference): negatives from every rank's micro-batch.
             # drop_last makes every rank's micro-batch the same size n, so rank r's rows start at r·n.
-            zt1, zt2 = dist.gather_varsize(zt1), dist.gather_varsize(zt2)
+            zt1, zt2 = dist.gather_equal(zt1), dist.gather_equal(zt2)
             pos = torch.arange(n, device=p1.device) + dist.rank() * n
         loss = functools.partial(
             truncated_triplet_loss,
