@@ -505,3 +505,15 @@ def test_gpu_nvjpeg_views_match_cpu_views_on_jpegs(tmp_path: Path) -> None:
     for a, b in zip(cpu, g, strict=True):
         assert b.is_cuda and b.shape == a.shape
         assert (a - b.cpu()).abs().mean() < 0.05
+
+
+def test_gpu_probe_reports_why_dali_cannot_decode_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: see test_gpu_probe_passes_on_a_working_gpu")
+    problem = D.dali_gpu_problem(0)
+    assert problem and "\n" not in problem
+
+
+@gpu
+def test_gpu_probe_passes_on_a_working_gpu() -> None:
+    assert D.dali_gpu_problem(torch.cuda.current_device()) is None

@@ -191,3 +191,23 @@ def test_asking_for_missing_dali_is_one_clear_line(monkeypatch: pytest.MonkeyPat
     msg = str(e.value)
     assert "\n" not in msg
     assert "pip install 'sslctl[dali]'" in msg and "data.backend=torchvision" in msg
+
+
+def test_auto_backend_probes_dali_on_the_gpu_and_falls_back(capsys: pytest.CaptureFixture) -> None:
+    """An importable DALI that cannot run on this GPU (e.g. the cuda130 wheel under a CUDA 12
+    driver) must not be picked: the probe's reason is said once and torchvision is used."""
+    calls: list[int] = []
+
+    def broken() -> str:
+        calls.append(1)
+        return "CUDA driver version is insufficient for CUDA runtime version"
+
+    assert resolve_backend("auto", cuda=True, have_dali=True, probe=broken) == "torchvision"
+    err = " ".join(capsys.readouterr().err.split())
+    assert "CUDA driver version is insufficient" in err and "dali-cuda12" in err
+    assert calls == [1]
+    assert resolve_backend("auto", cuda=True, have_dali=True, probe=lambda: None) == "dali"
+    assert resolve_backend("torchvision", cuda=True, have_dali=True, probe=broken) == "torchvision"
+    assert calls == [1]  # an explicit backend is not probed
+    resolve_backend("auto", cuda=True, have_dali=False)
+    assert "DALI is not installed" in " ".join(capsys.readouterr().err.split())

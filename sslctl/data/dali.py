@@ -49,8 +49,8 @@ from sslctl.data.tv import ViewParams, crop_box, draw_params, sample_rng
 from sslctl.data.views import EvalSpec, ViewSpec, blur_kernel_size, hue_degrees
 
 INSTALL_HINT = (
-    "install it with `pip install 'sslctl[dali]'` (package nvidia-dali-cuda130), or use "
-    "--set data.backend=torchvision"
+    "install it with `pip install 'sslctl[dali]'` (package nvidia-dali-cuda130; with a CUDA 12 "
+    "driver `pip install 'sslctl[dali-cuda12]'`), or use --set data.backend=torchvision"
 )
 
 # Per-view arrays the feed produces, in this order (see _view_arrays and _render_view).
@@ -374,7 +374,31 @@ def _probe_graph(feed: _Feed, gpu: bool, half: bool):
     (encoded,) = fn.external_source(
         source=feed, num_outputs=1, batch=True, dtype=[types.UINT8], ndim=[1]
     )
-    return _decode(fn, types, encoded, False)
+    return _decode(fn, types, encoded, gpu)
+
+
+def dali_gpu_problem(device_id: int) -> str | None:
+    """Why DALI cannot decode on GPU ``device_id`` (None when it can): one tiny JPEG through a
+    ``mixed`` pipeline. An importable DALI built for another CUDA (the cuda130 wheel under a
+    CUDA 12 driver) fails here instead of at the first training batch."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
+    jpeg = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    try:
+        runner = _Runner(
+            _probe_graph, 1, DaliOptions(threads=1, prefetch=1, gpu=True, device_id=device_id)
+        )
+        runner.start([np.array([0])], functools.partial(_one, [jpeg]))
+        (out,) = runner.next()
+        if tuple(out.shape) != (1, 16, 16, 3):
+            return f"the probe decoded to shape {tuple(out.shape)}"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not train on DALI here
+        return _decoder_message(e)
+    return None
 
 
 def dali_decode_failures(paths: Sequence[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ DALI pays off when decoding and augmentation move to the GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,10 +54,17 @@ def _list_file(cfg: Config, root: Path) -> Path | None:
     return lst
 
 
-def resolve_backend(requested: str, cuda: bool, have_dali: bool | None = None) -> str:
+def resolve_backend(
+    requested: str,
+    cuda: bool,
+    have_dali: bool | None = None,
+    probe: Callable[[], str | None] | None = None,
+) -> str:
     """ "torchvision" or "dali" for data.backend ``requested`` (auto | torchvision | dali).
 
     Asking for DALI without it installed is a one-line UserError saying how to install it.
+    ``auto`` on CUDA picks DALI when it is installed and ``probe`` (why DALI cannot run on this
+    GPU, or None) finds nothing wrong; otherwise it says once why it keeps torchvision.
     """
     from sslctl.data.dali import dali_available, require_dali
 
@@ -69,7 +77,21 @@ def resolve_backend(requested: str, cuda: bool, have_dali: bool | None = None) -
         raise UserError(f"data.backend {requested!r}: choose auto, torchvision or dali")
     have = dali_available() if have_dali is None else have_dali
     if cuda and have:
-        return "dali"
+        problem = probe() if probe is not None else None
+        if problem is None:
+            return "dali"
+        log.warn(
+            f"data.backend auto: DALI is installed but cannot decode on this GPU ({problem}); "
+            "using the torchvision loader (CPU decoding, far slower here) — install the DALI "
+            "build for this CUDA (`pip install 'sslctl\\[dali-cuda12]'` for a CUDA 12 driver)"
+        )
+        return "torchvision"
+    if cuda:
+        log.warn(
+            "data.backend auto: DALI is not installed, so images are decoded on the CPU by the "
+            "torchvision loader (about 3× slower end to end on an H200, BENCHMARKS.md); "
+            "`pip install 'sslctl\\[dali]'` decodes them on the GPU"
+        )
     return "dali" if CPU_AUTO == "dali" and have else "torchvision"
 
 
@@ -82,7 +104,13 @@ def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
         )
     specs = byol_views(cfg.data.image_size, cfg.data.crop_scale_min)
     cuda = di.device.type == "cuda"
-    if resolve_backend(cfg.data.backend, cuda) == "dali":
+
+    def probe() -> str | None:
+        from sslctl.data.dali import dali_gpu_problem
+
+        return dali_gpu_problem(di.device.index or 0)
+
+    if resolve_backend(cfg.data.backend, cuda, probe=probe) == "dali":
         return _dali_loader(cfg, root, di, samples, specs)
     from sslctl.data.tv import PretrainLoader
 
