@@ -82,7 +82,25 @@ def barrier() -> None:
         tdist.barrier()
 
 
+_LONG_WAIT: dict[str, object] = {}
+
+
+def barrier_long() -> None:
+    """A barrier for waits of unknown length (local rank 0 decoding a whole data set while the
+    others wait): on a gloo group whose timeout is SSLCTL_LONG_WAIT_S (default 24 h), not the
+    collective timeout (SSLCTL_DIST_TIMEOUT_S, 30 min) that an NCCL barrier would hit."""
+    if not is_dist():
+        return
+    if "group" not in _LONG_WAIT:  # every rank reaches its first call together: collective
+        secs = float(os.environ.get("SSLCTL_LONG_WAIT_S", str(24 * 3600)))
+        _LONG_WAIT["group"] = tdist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=secs)
+        )
+    tdist.barrier(group=_LONG_WAIT["group"])  # type: ignore[arg-type]
+
+
 def shutdown() -> None:
+    _LONG_WAIT.clear()
     if is_dist():
         tdist.destroy_process_group()
 

@@ -33,3 +33,20 @@ def test_two_ranks_hold_identical_weights(tmp_path, gather):
     # only rank 0 wrote checkpoints, and the run's metrics
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.json"))
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+@pytest.mark.ddp
+def test_ranks_wait_for_a_long_scan_without_a_collective_timeout(tmp_path):
+    """The DALI preflight: local rank 0 decodes every file while the other ranks wait. With the
+    collective timeout at 3 s, a 6 s scan must not fail the waiting rank."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "SSLCTL_DIST_TIMEOUT_S": "3",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tests.barrier_worker", str(tmp_path), "6"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]

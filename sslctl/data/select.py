@@ -137,7 +137,7 @@ def prepare_index(
     cache = index_path(root, list_file or "")
     paths = [p for p, _ in samples]
     built = build_index(paths, root, cache) if di.local_rank == 0 else None
-    dist.barrier()
+    dist.barrier_long()  # the first scan of ImageNet takes longer than a collective's timeout
     if built is None:
         built = build_index(paths, root, cache, verify=False)
     counts = {k: v for k, v in built.index.counts().items() if v and k != "ok"}
