@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -82,7 +83,7 @@ def barrier() -> None:
         tdist.barrier()
 
 
-_LONG_WAIT: dict[str, object] = {}
+_LONG_WAIT: dict[str, Any] = {}
 
 
 def barrier_long() -> None:
@@ -96,7 +97,7 @@ def barrier_long() -> None:
         _LONG_WAIT["group"] = tdist.new_group(
             backend="gloo", timeout=datetime.timedelta(seconds=secs)
         )
-    tdist.barrier(group=_LONG_WAIT["group"])  # type: ignore[arg-type]
+    tdist.barrier(group=_LONG_WAIT["group"])
 
 
 def shutdown() -> None:
