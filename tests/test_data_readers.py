@@ -294,6 +294,29 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path: Path) -> None:
     )
 
 
+def test_uint8_views_normalised_after_transfer_equal_the_float_path(tmp_path: Path) -> None:
+    """On a GPU the workers ship uint8 views (4× less traffic) and the loader normalises them
+    on the device; the result must equal the float32 views of the CPU path, bit for bit (the
+    same multiply-add; the CPU stands in for the device here)."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(12):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), 0))
+    spec_pair = views.byol_views(size=16, scale_min=0.2)
+    floats = list(PretrainLoader(samples, spec_pair, 4, seed=3, workers=0).epoch(1))
+    shipped = PretrainLoader(
+        samples, spec_pair, 4, seed=3, workers=2, normalize_on=torch.device("cpu")
+    )
+    raw = shipped.dataset.item(1, 0)
+    assert raw[0].dtype == torch.uint8  # what crosses the process boundary
+    got = list(shipped.epoch(1))
+    assert len(got) == len(floats) == 3
+    for (a1, a2), (b1, b2) in zip(floats, got, strict=True):
+        assert b1.dtype == torch.float32 and torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
 def test_loader_too_few_samples_is_a_user_error(tmp_path: Path) -> None:
     samples = _solid_dataset(tmp_path, 7)
     with pytest.raises(UserError, match=r"7 images over 2 rank\(s\) give 3 per rank.*batch of 4"):

@@ -124,6 +124,7 @@ def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
         seed=cfg.train.seed,
         workers=cfg.data.workers,
         pin_memory=cfg.data.pin_memory and cuda,
+        normalize_on=di.device if cuda else None,  # uint8 over PCIe, normalised on the GPU
     )
 
 
