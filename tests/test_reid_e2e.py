@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,12 @@ def first_run(market, tmp_path_factory):
     return out, r.output
 
 
-def _reference_feature(weights: Path, image: Path) -> torch.Tensor:
-    """SPEC §6 written out with torchvision: bicubic 256×128, GAP, image + mirror, L2."""
+def _reference_feature(weights: Path, image: Path, fusion: str = "sum") -> torch.Tensor:
+    """SPEC §6 written out with torchvision: bicubic 256×128, GAP, image and mirror fused, L2.
+
+    legacy-triplet is the reference script's loop as it reads: ff = 0; for each view
+    ff = ff + f, ff = ff / ‖ff‖ (so the image enters normalised, the mirror raw).
+    """
     net, _ = load_backbone(read_backbone(weights).state, "test")
     tf = transforms.Compose([
         transforms.Resize((256, 128), interpolation=transforms.InterpolationMode.BICUBIC),
@@ -62,8 +67,44 @@ def _reference_feature(weights: Path, image: Path) -> torch.Tensor:
     ])  # fmt: skip
     x = tf(Image.open(image).convert("RGB"))[None]
     with torch.no_grad():
-        f = net.eval()(x) + net(x.flip(3))
-    return F.normalize(f, dim=1)[0]
+        if fusion == "sum":
+            return F.normalize(net.eval()(x) + net(x.flip(3)), dim=1)[0]
+        ff = torch.zeros(1, 512)
+        for view in (x, x.flip(3)):
+            ff = ff + net.eval()(view)
+            ff = ff / ff.norm(p=2, dim=1, keepdim=True)
+        return ff[0]
+
+
+def _make_sysu(root: Path) -> Path:
+    """SYSU-30k test tree: 4 query ids with one c1 gallery match each (odd ids a resized look-alike
+    of the query, even ids unrelated), 5 ``0000others`` distractors, and a fifth query (28315)
+    with no match: invalid, yet counted by ``all``."""
+    for pid in range(28311, 28316):
+        write_image(root / "query" / f"{pid:09d}" / f"{pid:09d}_c2_2.jpg", seed=pid % 100)
+        if pid < 28315:
+            seed, size = (pid % 100, (26, 52)) if pid % 2 else (pid % 100 + 50, (24, 48))
+            write_image(root / "gallery" / f"{pid:09d}" / f"{pid:09d}_c1_1.jpg", seed, size)
+    for i in range(5):
+        write_image(root / "gallery" / "0000others" / f"0000others_c1_{i}.jpg", seed=200 + i)
+    return root
+
+
+def _reference_script_metrics(q: rf.FeatureFile, g: rf.FeatureFile) -> tuple[float, float]:
+    """Rank-1 and mAP (%) as the reference script computes them: np.dot scores, argsort, its
+    compute_mAP (trapezoid) per query, CMC and AP summed and divided by all queries."""
+    rank1 = ap = 0.0
+    for f, pid in zip(q.features.double().numpy(), q.ids.tolist(), strict=True):
+        index = np.argsort(-(g.features.double().numpy() @ f), kind="stable")
+        rows_good = np.flatnonzero(g.ids.numpy()[index] == pid)
+        if len(rows_good) == 0:  # the script's cmc[0] = -1: skipped, still in the denominator
+            continue
+        rank1 += rows_good[0] == 0
+        for i, row in enumerate(rows_good):
+            precision = (i + 1) / (row + 1)
+            old_precision = i / row if row != 0 else 1.0
+            ap += (old_precision + precision) / 2 / len(rows_good)
+    return 100 * rank1 / len(q.ids), 100 * ap / len(q.ids)
 
 
 def test_command_extracts_caches_and_reuses(market, first_run, monkeypatch):
@@ -74,6 +115,12 @@ def test_command_extracts_caches_and_reuses(market, first_run, monkeypatch):
     assert res["num_queries"] == res["num_valid_queries"] == 4
     assert res["num_gallery"] == 15 and res["num_gallery_junk"] == 1 and res["num_distractors"] == 2
     assert res["ap_definition"] == "standard" and res["ties"] == "pessimistic"
+    # Market-1501 keeps today's defaults, and results.json names every choice
+    assert (res["flip"], res["flip_fusion"], res["precision"], res["denominator"]) == (
+        True, "sum", "fp32", "valid",
+    )  # fmt: skip
+    assert res["tf32"] == "off" and res["score_precision"] == "fp32, TF32 off"
+    assert res["metric"] == "cosine" and res["compat"] is None and res["cache_dtype"] == "fp32"
     assert 0 <= res["rank1"] <= res["rank5"] <= res["rank10"] <= 100
     assert len(res["cmc"]) == 13  # clamped to the longest junk-free list (15 − 1 − 1)
     assert (out / "cmc.png").is_file() and Image.open(out / "cmc.png").size == (720, 480)
@@ -233,3 +280,78 @@ def test_compat_presets_yield_to_explicit_flags_and_sizes_parse():
     assert parse_size("2G") == 2 * 10**9 and parse_size("1000") == 1000
     with pytest.raises(UserError, match="expected a size"):
         parse_size("lots")
+
+
+def test_layout_picks_the_defaults_and_flags_or_compat_override_them():
+    resolve, opts = api_mod._resolve, api_mod.EvalReidOptions
+
+    def choices(o):
+        return (o.flip_fusion, o.precision, o.ap, o.denominator)
+
+    reference = ("legacy-triplet", "fp32", "trapezoid", "all")
+    assert choices(resolve(opts(layout="sysu30k"))) == reference
+    # "auto" is the layout's default: fp32 for SYSU-30k whatever the device
+    assert choices(resolve(opts(layout="sysu30k", precision="auto"))) == reference
+    for layout in ("market1501", "imagefolder", None):
+        assert choices(resolve(opts(layout=layout))) == ("sum", "auto", "standard", "valid")
+    explicit = dict(flip_fusion="sum", precision="bf16", ap="standard", denominator="valid")
+    assert choices(resolve(opts(layout="sysu30k", **explicit))) == tuple(explicit.values())
+    o = resolve(opts(layout="sysu30k", compat="torchreid"))
+    assert choices(o) == ("sum", "fp32", "standard", "valid")
+    o = resolve(opts(layout="market1501", compat="triplet-script", precision="fp32"))
+    assert choices(o) == reference
+
+
+def test_sysu30k_defaults_are_the_reference_script_end_to_end(market, tmp_path, monkeypatch):
+    _, weights = market
+    data, out = _make_sysu(tmp_path / "sysu"), tmp_path / "out"
+    base = [str(weights), "--data", str(data), "--layout", "sysu30k", "--out", str(out)]
+    seen, extract = [], api_mod.extract_features_and_labels
+
+    def spy(*args, **kwargs):  # the flags the forward runs under
+        b = torch.backends
+        seen.append(
+            (kwargs["precision"], b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision)
+        )
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(api_mod, "extract_features_and_labels", spy)
+    r = _run(*base)
+    assert r.exit_code == 0, r.output
+    assert seen == [("fp32", "ieee", "ieee")] * 2  # query, gallery: no autocast, no TF32
+    res = json.loads((out / "results.json").read_text())
+    assert (res["flip"], res["flip_fusion"], res["precision"], res["tf32"]) == (
+        True, "legacy-triplet", "fp32", "off",
+    )  # fmt: skip
+    assert (res["ap_definition"], res["denominator"], res["ties"]) == (
+        "trapezoid",
+        "all",
+        "pessimistic",
+    )
+    assert res["num_queries"] == 5 and res["num_valid_queries"] == 4
+    q = rf.load(out / "features" / "query.safetensors")
+    g = rf.load(out / "features" / "gallery.safetensors")
+    ref = _reference_feature(weights, data / "query" / q.paths[1], "legacy-triplet")
+    torch.testing.assert_close(q.features[1], ref, atol=2e-5, rtol=0)
+    rank1, m_ap = _reference_script_metrics(q, g)
+    assert res["num_queries_with_ties"] == 0  # the script's tie order is then irrelevant
+    assert res["rank1"] == pytest.approx(rank1) and res["mAP"] == pytest.approx(m_ap)
+    assert 0 < res["rank1"] < res["rank5"] < 100  # hits and misses: both AP terms are exercised
+
+    # Features files carry their layout: the same defaults apply to them.
+    feats = ["--query-features", str(out / "features" / "query.safetensors"),
+             "--gallery-features", str(out / "features" / "gallery.safetensors")]  # fmt: skip
+    r = _run(*feats, "--out", str(tmp_path / "files"))
+    assert r.exit_code == 0, r.output
+    res_files = json.loads((tmp_path / "files" / "results.json").read_text())
+    assert (res_files["ap_definition"], res_files["denominator"]) == ("trapezoid", "all")
+    assert res_files["mAP"] == res["mAP"]
+
+    today = ["--flip-fusion", "sum", "--precision", "bf16", "--denominator", "valid",
+             "--ap", "standard"]  # fmt: skip
+    r = _run(*base, *today)
+    assert r.exit_code == 0 and "differs in flip_fusion, precision" in r.output, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert (res["flip_fusion"], res["precision"], res["ap_definition"], res["denominator"]) == (
+        "sum", "bf16", "standard", "valid",
+    )  # fmt: skip

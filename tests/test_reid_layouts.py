@@ -21,7 +21,12 @@ from sslctl.cli.launch import relaunch_with_torchrun, strip_nproc_flag, torchrun
 from sslctl.convert.weights import read_backbone
 from sslctl.eval import reid_features as rf
 from sslctl.eval import reid_layouts as rl
-from sslctl.eval.features import extract_features, extract_features_and_labels, shard_range
+from sslctl.eval.features import (
+    extract_features,
+    extract_features_and_labels,
+    shard_range,
+    true_fp32,
+)
 from tests.reid_helpers import make_backbone, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +294,40 @@ def test_legacy_triplet_fusion_normalises_the_first_view_first(tmp_path):
             normalize=True,
         )  # fmt: skip
         torch.testing.assert_close(got[0], expected)
+
+
+def test_reference_fusion_loop_equals_legacy_triplet_on_a_resnet(tmp_path):
+    """The reference script's two-view loop, written plainly, on a real backbone."""
+    weights = make_backbone(tmp_path / "r18.safetensors")
+    net, _ = load_backbone(read_backbone(weights).state, "test")
+    paths = [tmp_path / f"{i}.jpg" for i in range(3)]
+    for i, p in enumerate(paths):
+        write_image(p, seed=i)
+    x = torch.stack([rl.ReidImages(paths)[i][0] for i in range(3)])
+    with torch.no_grad():
+        ff = torch.zeros(3, 512)
+        for view in (x, x.flip(3)):  # ff = ff + f; ff = ff / ‖ff‖, after each view
+            ff = ff + net.eval()(view)
+            ff = ff.div(torch.norm(ff, p=2, dim=1, keepdim=True))
+    got = extract_features(
+        net, rl.ReidImages(paths), batch_size=2, device="cpu", flip=True,
+        fusion="legacy-triplet", normalize=True,
+    )  # fmt: skip
+    torch.testing.assert_close(got, ff, atol=1e-5, rtol=0)
+    plain_sum = F.normalize(net(x) + net(x.flip(3)), dim=1).detach()
+    assert (got - plain_sum).abs().max() > 1e-3  # the two fusions really differ
+
+
+def test_true_fp32_turns_tf32_off_and_restores_the_flags():
+    b = torch.backends
+    ops = (b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul, b.mkldnn.conv)
+    before = [op.fp32_precision for op in ops]
+    b.cuda.matmul.fp32_precision = "tf32"  # as torch.set_float32_matmul_precision("high")
+    try:
+        with pytest.raises(RuntimeError, match="inside"), true_fp32():
+            assert [op.fp32_precision for op in ops] == ["ieee"] * 4
+            raise RuntimeError("inside")
+        assert b.cuda.matmul.fp32_precision == "tf32"
+        assert [op.fp32_precision for op in ops[1:]] == before[1:]
+    finally:
+        b.cuda.matmul.fp32_precision = before[0]

@@ -4,6 +4,7 @@ Flow: features (from the cache in OUT/features/, or extracted with torchrun shar
 as --query-features/--gallery-features) → positive ranks (cached in OUT/ranks.safetensors,
 keyed by both features digests) → CMC / mAP / mINP → results.json, cmc.png. Changing the AP
 definition, denominator, tie rule or max rank re-uses both caches and never recomputes scores.
+Defaults of the fusion, precision, AP and denominator depend on the layout (``layout_defaults``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sslctl.eval import reid_features as rf
 from sslctl.eval import reid_layouts as rl
 from sslctl.eval import reid_metrics as rmx
 from sslctl.eval.cache import state_digest
-from sslctl.eval.features import FUSIONS, extract_features_and_labels
+from sslctl.eval.features import FUSIONS, extract_features_and_labels, true_fp32
 from sslctl.eval.reid_plot import save_cmc_plot
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -35,7 +36,17 @@ COMPAT = {
     "triplet-script": {"ap": "trapezoid", "denominator": "all", "flip_fusion": "legacy-triplet"},
     "torchreid": {"ap": "standard", "denominator": "valid", "flip_fusion": "sum"},
 }
-DEFAULTS = {"ap": "standard", "denominator": "valid", "flip_fusion": "sum"}
+# The paper's evaluation (wanggrun/triplet Self-Supervised-ReID/test_sysu_combine.py, which is
+# SYSU-30k's own self-supervised script): fp32 features, normalise-first fusion, CMC and mAP
+# summed over valid queries but divided by all of them, trapezoid AP.
+SYSU30K_REFERENCE = {
+    "flip_fusion": "legacy-triplet",
+    "precision": "fp32",
+    "ap": "trapezoid",
+    "denominator": "all",
+}
+# Every other layout: torchreid / fast-reid choices; "auto" precision is then bf16 on CUDA.
+DEFAULTS = {"flip_fusion": "sum", "precision": "auto", "ap": "standard", "denominator": "valid"}
 RANKS_FORMAT = "sslctl-reid-ranks/1"
 
 
@@ -51,8 +62,8 @@ class EvalReidOptions:
     gallery_features: Path | None = None
     out: Path = Path("runs/reid")
     flip: bool = True
-    flip_fusion: str | None = None  # None: from --compat, else "sum"
-    precision: str = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    flip_fusion: str | None = None  # None: from --compat, else the layout's default
+    precision: str = "auto"  # the layout's default: sysu30k fp32; else bf16 on CUDA, fp32 on CPU
     batch_size: int = 128
     workers: int | None = None  # None: min(8, CPUs)
     device: str = "auto"
@@ -79,16 +90,41 @@ class EvalReidResult:
     ranks_cached: bool
 
 
+def layout_defaults(layout: str | None) -> dict[str, str]:
+    """Default fusion, precision, AP and denominator for a layout (flags and --compat win).
+
+    sysu30k reproduces the reference script's numbers; Market-1501 and ImageFolder sets keep
+    the choices of torchreid and fast-reid, against which such numbers are usually compared.
+    """
+    return dict(SYSU30K_REFERENCE if layout == "sysu30k" else DEFAULTS)
+
+
+def _defaults_layout(o: EvalReidOptions) -> str | None:
+    """The layout whose defaults apply: a features file's own, as _features_from_files reads it."""
+    path = o.query_features
+    if path is not None and path.is_file():  # a missing file is reported when it is loaded
+        return checkpoint.read_metadata(path).get("layout") or o.layout
+    return o.layout
+
+
 def _resolve(o: EvalReidOptions) -> EvalReidOptions:
-    """Fill preset-dependent defaults (explicit flags win over --compat) and check choices."""
+    """Fill defaults (explicit flag, then --compat, then the layout's) and check choices."""
     if o.compat is not None and o.compat not in COMPAT:
         raise UserError(f"--compat must be one of {', '.join(COMPAT)}, got '{o.compat}'")
     preset = COMPAT.get(o.compat or "", {})
+    defaults = layout_defaults(_defaults_layout(o))
 
-    def pick(key: str) -> str:
-        return str(getattr(o, key) or preset.get(key, DEFAULTS[key]))
+    def pick(key: str, unset: str | None = None) -> str:
+        value = getattr(o, key)
+        return str(value if value != unset else preset.get(key, defaults[key]))
 
-    o = replace(o, ap=pick("ap"), denominator=pick("denominator"), flip_fusion=pick("flip_fusion"))
+    o = replace(
+        o,
+        ap=pick("ap"),
+        denominator=pick("denominator"),
+        flip_fusion=pick("flip_fusion"),
+        precision=pick("precision", unset="auto"),
+    )
     if o.flip_fusion not in FUSIONS:
         raise UserError(f"--flip-fusion must be one of {', '.join(FUSIONS)}, got '{o.flip_fusion}'")
     if o.precision not in PRECISIONS:
@@ -134,6 +170,7 @@ def _wanted_meta(o: EvalReidOptions, split: rl.ReidSplit, wsha: str, precision: 
         "weights_sha256": wsha,
         "transform": rl.TRANSFORM_TAG,
         "precision": precision,
+        "tf32": "off",  # the forward runs under true_fp32(); older caches may have used TF32
         "dtype": o.cache_dtype,
         "format": rf.FORMAT,
         "format_version": rf.FORMAT_VERSION,
@@ -187,11 +224,12 @@ def _split_features(
     if dist.broadcast_object(_cache_hit(path, want, o.recompute) if main else None):
         log.info(f"{name}: using cached features {path} (no extraction)")
         return (rf.load(path) if main else None), False
-    feats, hashes = extract_features_and_labels(
-        ex.model, rl.ReidImages(split.paths), batch_size=o.batch_size, device=ex.device,
-        precision=ex.precision, flip=o.flip, fusion=str(o.flip_fusion), normalize=True,
-        workers=ex.workers, progress_desc=f"{name} features",
-    )  # fmt: skip
+    with true_fp32():  # fp32 means fp32 on any device; bf16 autocast is unaffected
+        feats, hashes = extract_features_and_labels(
+            ex.model, rl.ReidImages(split.paths), batch_size=o.batch_size, device=ex.device,
+            precision=ex.precision, flip=o.flip, fusion=str(o.flip_fusion), normalize=True,
+            workers=ex.workers, progress_desc=f"{name} features",
+        )  # fmt: skip
     if not main:
         return None, True
     meta = {**want, "hashes": json.dumps(rl.hashes_to_hex(hashes))}
@@ -212,7 +250,7 @@ def _features_from_images(
     )
     _report_labels(o.layout, *splits)
     model, wsha = _load_model(o)
-    precision = o.precision
+    precision = o.precision  # "auto" only where the layout's default leaves it to the device
     if precision == "auto":
         precision = "bf16" if di.device.type == "cuda" else "fp32"
     workers = o.workers if o.workers is not None else min(8, os.cpu_count() or 1)
@@ -310,7 +348,12 @@ def _counts(q: rf.FeatureFile, g: rf.FeatureFile, ranks: rmx.PositiveRanks) -> d
 def _results(
     o: EvalReidOptions, q: rf.FeatureFile, g: rf.FeatureFile, m: rmx.ReidMetrics, extra: dict
 ) -> dict[str, Any]:
-    """results.json: headline metrics in percent (full precision), then everything to audit them."""
+    """results.json: headline metrics in percent (full precision), then everything to audit them.
+
+    Every choice is named; those fixed when the features were made come from their metadata
+    ("unknown" for a features file that does not say).
+    """
+    fusion = q.meta.get("flip_fusion", "unknown")
     return {
         "rank1": 100 * m.rank1,
         "rank5": 100 * m.rank5,
@@ -330,8 +373,13 @@ def _results(
         "rerank": False,
         "cmc": [100 * v for v in m.cmc],
         "layout": q.meta.get("layout") or o.layout,
-        "flip_fusion": q.meta.get("flip_fusion", "unknown"),
+        "compat": o.compat,
+        "flip": "unknown" if fusion == "unknown" else fusion != "none",
+        "flip_fusion": fusion,
         "precision": q.meta.get("precision", "unknown"),
+        "tf32": q.meta.get("tf32", "unknown"),
+        "score_precision": "fp32, TF32 off",
+        "cache_dtype": q.meta.get("dtype", "unknown"),
         "transform": q.meta.get("transform", "unknown"),
         "weights_sha256": q.meta.get("weights_sha256", "unknown"),
         "features_hash": {

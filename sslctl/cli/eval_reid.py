@@ -16,11 +16,15 @@ from sslctl.cli.common import out_console, user_errors
 HELP = (
     "Re-identification evaluation: CMC rank-1/5/10, mAP (and mINP) with the junk rule, on "
     "SYSU-30k, Market-1501-style or ImageFolder query/gallery sets, or on given features files. "
-    "Features (256x128 bicubic, GAP, image+flip summed, L2-normalised) are cached in "
-    "OUT/features/ and positive ranks in OUT/ranks.safetensors, so changing --ap, --denominator, "
-    "--ties or --max-rank re-uses both. Ranking is exact and runs in query blocks: peak memory "
+    "Features (256x128 bicubic, GAP of the image and its mirror, fused, L2-normalised) are "
+    "cached in OUT/features/ and positive ranks in OUT/ranks.safetensors, so changing --ap, "
+    "--denominator, --ties or --max-rank re-uses both. Ranking is exact and runs in query blocks: peak memory "
     "~ 4*d*(n_g+n_q) + b*n_g*11 bytes with b = mem_budget/(11*n_g) queries per block "
-    "(SYSU-30k, 1 GiB budget: ~5 GB). Not built: --rerank and the cuhk03-sgs protocol."
+    "(SYSU-30k, 1 GiB budget: ~5 GB). Defaults depend on --layout: sysu30k reproduces the "
+    "paper's evaluation script (legacy-triplet fusion, fp32 features, trapezoid AP, denominator "
+    "all); market1501 and imagefolder use sum, auto precision, standard AP, valid queries. "
+    "Explicit flags, then --compat, win. Scores are always fp32 with TF32 off. "
+    "Not built: --rerank and the cuhk03-sgs protocol."
 )
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
@@ -56,11 +60,24 @@ _H = {
     "weights": "checkpoint (file, run dir, …/last), extracted backbone or torchvision .pth",
     "data": "test-set root (query/ + gallery/, or bounding_box_test/ for market1501)",
     "out": "results.json, cmc.png, features/ and ranks caches",
+    "layout": "sysu30k | market1501 | imagefolder (also picks the defaults of --flip-fusion, "
+    "--precision, --ap and --denominator)",
     "features": "features file (safetensors: features, ids, cameras) instead of images",
-    "precision": "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32",
-    "workers": "decoding processes per rank [default: min(8, CPUs)]",
-    "junk_identical": "byte-identical query/gallery pairs are junk [default: on for imagefolder]",
-    "junk_class": "imagefolder gallery class that is junk (repeatable) [default: -1]",
+    # Rich reads "[...]" in help as markup and drops it: say defaults in words or parentheses.
+    "precision": "fp32 (TF32 off) | bf16 (autocast) | auto (sysu30k: fp32; otherwise bf16 on "
+    "GPU, fp32 on CPU)",
+    "flip_fusion": "legacy-triplet: normalise(image) + mirror, then normalise (the paper's "
+    "script) | sum: image + mirror, then normalise (torchreid). Default: legacy-triplet for "
+    "sysu30k, else sum",
+    "ap": "trapezoid (Market devkit, the paper's script) | standard (torchreid). "
+    "Default: trapezoid for sysu30k, else standard",
+    "denominator": "all queries (the paper's script, MATLAB devkit) | valid queries "
+    "(torchreid). Default: all for sysu30k, else valid",
+    "compat": "triplet-script (trapezoid, all, legacy-triplet) | torchreid (standard, valid, "
+    "sum): presets that win over the layout's defaults",
+    "workers": "decoding processes per rank (default: min(8, CPUs))",
+    "junk_identical": "byte-identical query/gallery pairs are junk (default: on for imagefolder)",
+    "junk_class": "imagefolder gallery class that is junk (repeatable; default: -1)",
     "camera_regex": "imagefolder: regex on the file name, one group = camera number",
     "cache_dtype": "fp32 | fp16 (halves the cache; may flip near-tie ranks)",
     "nproc": "extract with N torchrun processes; 0 = this process only",
@@ -73,19 +90,19 @@ def command(
     data: Annotated[Path | None, Opt(help=_H["data"])] = None,
     query: Annotated[Path | None, Opt(help="query image folder (instead of --data)")] = None,
     gallery: Annotated[Path | None, Opt(help="gallery image folder (instead of --data)")] = None,
-    layout: Annotated[str | None, Opt(help="sysu30k | market1501 | imagefolder")] = None,
+    layout: Annotated[str | None, Opt(help=_H["layout"])] = None,
     out: Annotated[Path, Opt(help=_H["out"])] = Path("runs/reid"),
     query_features: Annotated[Path | None, Opt(help=_H["features"])] = None,
     gallery_features: Annotated[Path | None, Opt(help=_H["features"])] = None,
     part: Annotated[str, Opt(help="online | target backbone of an sslctl checkpoint")] = "online",
     flip: Annotated[bool, Opt("--flip/--no-flip", help="add the mirrored image")] = True,
-    flip_fusion: Annotated[str | None, Opt(help="sum (default) | legacy-triplet")] = None,
+    flip_fusion: Annotated[str | None, Opt(help=_H["flip_fusion"])] = None,
     precision: Annotated[str, Opt(help=_H["precision"])] = "auto",
     batch_size: Annotated[int, Opt(help="images per forward pass (per process)")] = 128,
     workers: Annotated[int | None, Opt(help=_H["workers"])] = None,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
-    ap: Annotated[str | None, Opt(help="standard (default) | trapezoid (Market devkit)")] = None,
-    denominator: Annotated[str | None, Opt(help="valid (default) | all queries")] = None,
+    ap: Annotated[str | None, Opt(help=_H["ap"])] = None,
+    denominator: Annotated[str | None, Opt(help=_H["denominator"])] = None,
     ties: Annotated[str, Opt(help="pessimistic | optimistic")] = "pessimistic",
     metric: Annotated[str, Opt(help="cosine | euclidean")] = "cosine",
     max_rank: Annotated[int, Opt(help="CMC curve length")] = 50,
@@ -97,7 +114,7 @@ def command(
     camera_regex: Annotated[str | None, Opt(help=_H["camera_regex"])] = None,
     cache_dtype: Annotated[str, Opt(help=_H["cache_dtype"])] = "fp32",
     recompute: Annotated[bool, Opt(help="ignore the features and ranks caches")] = False,
-    compat: Annotated[str | None, Opt(help="triplet-script | torchreid presets")] = None,
+    compat: Annotated[str | None, Opt(help=_H["compat"])] = None,
     nproc_per_node: Annotated[int, Opt(help=_H["nproc"])] = 0,
 ) -> None:
     if nproc_per_node > 0:

@@ -12,8 +12,11 @@ concatenating the ranks' outputs in rank order is the dataset order.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +34,35 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _fuse(f: torch.Tensor, f_flip: torch.Tensor | None, fusion: str) -> torch.Tensor:
-    """Combine a batch's features with its mirror's (both fp32).
+@contextlib.contextmanager
+def true_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions without TF32 (or oneDNN's bf16) on any device.
 
-    ``sum``: f + f_flip (the official SYSU-30k script; normalise afterwards).
-    ``legacy-triplet``: normalize(f) + f_flip — the triplet repository's copy normalises inside
-    its two-view loop, so the first view enters the sum already unit-length.
+    cuDNN convolutions default to TF32 (a 10-bit mantissa), so an "fp32" forward on an Ampere
+    or later GPU is not fp32 without this; the re-ID score GEMM needs it too (REID.md §8.4).
+    Uses the per-operator ``fp32_precision`` flags (inside the block the legacy
+    ``cudnn.allow_tf32`` getter raises, as it does whenever the two APIs disagree) and puts
+    the previous values back.
+    """
+    b: Any = torch.backends  # the per-operator modules are attached at run time (untyped)
+    ops = (b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul, b.mkldnn.conv)
+    before = [op.fp32_precision for op in ops]
+    try:
+        for op in ops:
+            op.fp32_precision = "ieee"
+        yield
+    finally:
+        for op, value in zip(ops, before, strict=True):
+            op.fp32_precision = value
+
+
+def _fuse(f: torch.Tensor, f_flip: torch.Tensor | None, fusion: str) -> torch.Tensor:
+    """Combine a batch's features with its mirror's (both fp32; the caller L2-normalises).
+
+    ``sum``: f + f_flip, as torchreid and SYSU-30k's supervised script.
+    ``legacy-triplet``: normalize(f) + f_flip, as the paper's ``test_sysu_combine.py`` and
+    SYSU-30k's self-supervised script: their two-view loop normalises the running sum after
+    each view, so the image enters the sum unit-length and its mirror raw.
     """
     if f_flip is None:
         return f
@@ -153,7 +179,8 @@ def extract_features_and_labels(
 
     ``model(x)`` must return pooled features (b×d). With ``flip`` each image's horizontal mirror
     is also encoded and combined by ``fusion`` (see ``_fuse``); ``normalize`` L2-normalises the
-    result. ``precision`` "bf16" runs the forward under autocast (features still summed in fp32).
+    result. ``precision`` "bf16" runs the forward under autocast (features still summed in fp32);
+    "fp32" leaves TF32 to the caller's flags (``true_fp32()`` turns it off).
     Under torchrun each rank encodes a contiguous slice and the slices are gathered; the total is
     checked against ``len(dataset)``.
     """

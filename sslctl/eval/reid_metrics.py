@@ -21,13 +21,13 @@ is b = ⌊budget / (11·n_g)⌋ clipped to [1, n_q]. No n_q × n_g matrix is hel
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sslctl import UserError
+from sslctl.eval.features import true_fp32
 
 TIE_RULES = ("pessimistic", "optimistic")
 AP_DEFINITIONS = ("standard", "trapezoid")
@@ -143,17 +143,6 @@ def positive_lists(
     return offsets, cand[keep], list_len
 
 
-@contextlib.contextmanager
-def _exact_fp32() -> Iterator[None]:
-    """Score GEMM in true fp32: TF32 would make near-tie ranks depend on the device."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(prev)
-
-
 class _Workspace:
     """One block's working set, allocated once and reused by every block (REID.md §8.3).
 
@@ -244,7 +233,7 @@ def _scores(
     The GEMM writes gallery tiles straight into ``out``: for some shapes (b = 32…50 on MKL)
     one whole-row GEMM allocates a second score-sized buffer, which would break the bound.
     """
-    with _exact_fp32():
+    with true_fp32():  # TF32 would make near-tie ranks depend on the device
         for j in range(0, g.shape[0], _GEMM_TILE):
             torch.mm(q, g[j : j + _GEMM_TILE].T, out=out[:, j : j + _GEMM_TILE])
     s = out
