@@ -288,6 +288,31 @@ def test_a_file_broken_after_the_index_is_skipped_at_run_time(tmp_path: Path) ->
     assert sum(1 for _ in dl.epoch(1)) == 3
 
 
+def test_run_time_failures_are_probed_with_the_loaders_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvJPEG rejects some files that the CPU decoder accepts: the probe that finds the culprit
+    must use the loader's own decoder and device, or such a file would end the run."""
+    root = tmp_path / "d"
+    paths = [_blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(8)]
+    samples = [(str(p), 0) for p in paths]
+    index = _index(samples, root)
+    full = paths[2].read_bytes()
+    paths[2].write_bytes(full[: len(full) // 3])
+    dl = D.DaliPretrainLoader(samples, only(size=16), 4, index, options=CPU)
+    dl._runner.options = replace(dl._runner.options, device_id=3)  # marks the probe's origin
+    calls: list[tuple[bool, int]] = []
+    real = D.dali_decode_failures
+
+    def recording(paths: list[str], gpu: bool = False, device_id: int = 0) -> dict[str, str]:
+        calls.append((gpu, device_id))
+        return real(paths)  # decode on the CPU here: no GPU in this test
+
+    monkeypatch.setattr(D, "dali_decode_failures", recording)
+    assert sum(1 for _ in dl.epoch(0)) == 2
+    assert calls == [(False, 3)] and not dl.usable[2]
+
+
 # ----------------------------------------------------------------------------- order
 
 

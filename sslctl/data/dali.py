@@ -401,14 +401,19 @@ def dali_gpu_problem(device_id: int) -> str | None:
     return None
 
 
-def dali_decode_failures(paths: Sequence[str]) -> dict[str, str]:
-    """The files among ``paths`` that DALI's CPU decoder rejects, with its message.
+def dali_decode_failures(
+    paths: Sequence[str], gpu: bool = False, device_id: int = 0
+) -> dict[str, str]:
+    """The files among ``paths`` that DALI's decoder rejects, with its message: the CPU decoder,
+    or nvJPEG (``gpu``) — a loader must probe with the decoder it trains with, since nvJPEG
+    rejects some files that the CPU decoder accepts.
 
     One image per iteration; a failed iteration rebuilds the pipeline (failures are rare)."""
     failures: dict[str, str] = {}
     todo = list(paths)
+    opts = DaliOptions(threads=1, prefetch=1, gpu=gpu, device_id=device_id)
     while todo:
-        runner = _Runner(_probe_graph, 1, DaliOptions(threads=1, prefetch=1))
+        runner = _Runner(_probe_graph, 1, opts)
         data = [_read(p) for p in todo]
         bad = [p for p, d in zip(todo, data, strict=True) if d is None]
         failures.update({p: "cannot read the file" for p in bad})
@@ -579,7 +584,8 @@ class DaliPretrainLoader:
         pending = self._runner.pending()
         self._runner.drop()
         rows = sorted({int(i) for b in pending for i in self.subst[b].tolist()})
-        failures = dali_decode_failures([self.paths[i] for i in rows])
+        o = self._runner.options  # probe on the decoder that failed (nvJPEG on a GPU)
+        failures = dali_decode_failures([self.paths[i] for i in rows], o.gpu, o.device_id)
         if not failures:
             raise err
         for i in rows:
@@ -667,8 +673,11 @@ class DaliEvalLoader:
             except RuntimeError as e:
                 pending = self._runner.pending()
                 self._runner.drop()
+                o = self._runner.options
                 failures = dali_decode_failures(
-                    [self.samples[i][0] for batch in pending for i in batch.tolist()]
+                    [self.samples[i][0] for batch in pending for i in batch.tolist()],
+                    o.gpu,
+                    o.device_id,
                 )
                 for path, why in failures.items():
                     raise DecodeError(path, f"DALI cannot decode it: {why}") from e
