@@ -66,3 +66,25 @@ def test_monitor_leaves_the_trained_backbone_untouched(tmp_path):
     assert net.training  # still in training mode, BN statistics untouched
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_monitor_workers_start_by_forkserver_not_fork(tmp_path, monkeypatch):
+    """The monitor runs inside training, where DALI's threads may run: its DataLoader workers
+    must not be forked from that process. Same result as without workers."""
+    import torch.utils.data as tud
+
+    root = make_dataset(tmp_path / "d", train=6, val=2)
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", small_stem=True)
+    contexts = []
+    real = tud.DataLoader.__init__
+
+    def recording(self, *a, **k):
+        contexts.append(k.get("multiprocessing_context"))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(tud.DataLoader, "__init__", recording)
+    with_workers = knn_monitor(net, root / "train", root / "val", 5, 0.07, "cpu", 8, 16, workers=1)
+    assert contexts == ["forkserver", "forkserver"]
+    alone = knn_monitor(net, root / "train", root / "val", 5, 0.07, "cpu", 8, 16, workers=0)
+    assert with_workers == alone

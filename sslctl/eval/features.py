@@ -174,6 +174,7 @@ def extract_features_and_labels(
     normalize: bool = False,
     workers: int = 0,
     progress_desc: str = "features",
+    worker_start: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features n×d fp32, labels n×…) on CPU, in dataset order, on every rank.
 
@@ -197,6 +198,9 @@ def extract_features_and_labels(
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
+        # "forkserver"/"spawn" for callers inside a training process that runs DALI threads:
+        # forking a multi-threaded process can deadlock the child.
+        multiprocessing_context=worker_start if workers > 0 else None,
     )
     opts = dict(
         device=device,

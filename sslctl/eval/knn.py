@@ -127,6 +127,8 @@ def knn_monitor(
             normalize=True,
             workers=workers,
             progress_desc=f"kNN {name}",
+            # called mid-training, where DALI's threads run: never fork this process
+            worker_start="forkserver",
         )
     del model
     (ft, yt), (fv, yv) = feats["train"], feats["val"]
