@@ -182,6 +182,7 @@ def extract_features_and_labels(
     is also encoded and combined by ``fusion`` (see ``_fuse``); ``normalize`` L2-normalises the
     result. ``precision`` "bf16" runs the forward under autocast (features still summed in fp32);
     "fp32" leaves TF32 to the caller's flags (``true_fp32()`` turns it off).
+    ``worker_start`` is the DataLoader workers' start method (None: the platform's default).
     Under torchrun each rank encodes a contiguous slice and the slices are gathered; the total is
     checked against ``len(dataset)``.
     """
