@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_reid_layouts.py: generic extraction on 2 gloo ranks.
 
 argv: OUT WEIGHTS IMAGE… — extracts every prefix case below and writes rank{r}.pt with the
-gathered features and labels, and the error message (if any) of the corrupt-file case.
+features and labels gathered to rank 0 (empty elsewhere), and the error message (if any) of the
+corrupt-file case.
 """
 
 from __future__ import annotations

@@ -118,12 +118,14 @@ def _run_local(
                 f = F.normalize(f, dim=1)
             y = torch.as_tensor(y)
             if feats is None or labels is None:
-                feats = torch.empty((end - start, f.shape[1]), dtype=torch.float32)
+                where = _feature_store(end - start, f.shape[1], device)
+                feats = torch.empty((end - start, f.shape[1]), dtype=torch.float32, device=where)
                 labels = torch.empty((end - start, *y.shape[1:]), dtype=y.dtype)
             rows = torch.as_tensor(idx, dtype=torch.int64) - start
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= end - start):
                 raise RuntimeError(f"dataset yielded index outside this rank's range {bounds}")
-            feats[rows] = f.cpu()
+            # On the GPU when the shard fits: no per-batch device→host copy (a host sync).
+            feats[rows.to(feats.device)] = f.to(feats.device)
             labels[rows] = y
             done += b
             rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -133,6 +135,15 @@ def _run_local(
     if feats is None or labels is None:  # an empty shard (more ranks than items)
         feats, labels = torch.empty((0, 0)), torch.empty((0,), dtype=torch.int64)
     return feats, labels
+
+
+def _feature_store(rows: int, dim: int, device: torch.device) -> torch.device:
+    """Where a shard's features accumulate: on the accelerator when they fit in a quarter of
+    its free memory (the gather may need as much again), else on the host."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if rows * dim * 4 < free // 4 else torch.device("cpu")
 
 
 def _agree_shapes(
@@ -176,15 +187,16 @@ def extract_features_and_labels(
     progress_desc: str = "features",
     worker_start: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features n×d fp32, labels n×…) on CPU, in dataset order, on every rank.
+    """(features n×d fp32, labels n×…) on CPU, in dataset order, on rank 0 (other ranks: empty
+    tensors of the same width).
 
     ``model(x)`` must return pooled features (b×d). With ``flip`` each image's horizontal mirror
     is also encoded and combined by ``fusion`` (see ``_fuse``); ``normalize`` L2-normalises the
     result. ``precision`` "bf16" runs the forward under autocast (features still summed in fp32);
     "fp32" leaves TF32 to the caller's flags (``true_fp32()`` turns it off).
     ``worker_start`` is the DataLoader workers' start method (None: the platform's default).
-    Under torchrun each rank encodes a contiguous slice and the slices are gathered; the total is
-    checked against ``len(dataset)``.
+    Under torchrun each rank encodes a contiguous slice and the slices are gathered to rank 0;
+    the total is checked against ``len(dataset)``.
     """
     if fusion not in FUSIONS:
         raise UserError(f"unknown flip fusion '{fusion}' (known: {', '.join(FUSIONS)})")
@@ -223,11 +235,13 @@ def extract_features_and_labels(
         error = _worker_error(e)
     _raise_if_any_rank_failed(error, device)
     feats, labels = _agree_shapes(feats, labels, bounds)
-    # NCCL gathers device tensors; gloo (CPU) gathers host tensors.
+    # Only rank 0 receives the whole set; NCCL gathers device tensors, gloo host tensors.
     gdev = device if dist.is_dist() else torch.device("cpu")
-    feats = dist.gather_varsize(feats.to(gdev)).cpu()
-    labels = dist.gather_varsize(labels.to(gdev)).cpu()
-    if feats.shape[0] != n:
+    w = dist.world_size()
+    counts = [e - s for s, e in (shard_range(n, r, w) for r in range(w))]
+    feats = dist.gather_to_main(feats.to(gdev), counts).cpu()
+    labels = dist.gather_to_main(labels.to(gdev), counts).cpu()
+    if dist.is_main() and feats.shape[0] != n:
         raise RuntimeError(f"gathered {feats.shape[0]} feature rows for {n} dataset items")
     return feats, labels
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslctl import log
+from sslctl import dist, log
 from sslctl.data.readers import scan_imagefolder
 from sslctl.data.tv import EvalDataset
 from sslctl.data.views import linear_val
@@ -101,9 +101,10 @@ def knn_monitor(
 ) -> dict[str, float]:
     """kNN top-1/top-5 of ``backbone`` on two labelled ImageFolder trees, for periodic monitoring.
 
-    Call it on every rank under DDP (extraction is sharded, then gathered); every rank gets the
-    same result. The backbone is deep-copied and the copy put in eval mode, so the trained
-    module, its BN statistics, training mode and memory format are untouched. Images go through
+    Call it on every rank under DDP (extraction is sharded, gathered to rank 0, scored there,
+    and the result broadcast): every rank gets the same result. The backbone is deep-copied and
+    the copy put in eval mode, so the trained module, its BN statistics, training mode and
+    memory format are untouched. Images go through
     the linear-evaluation validation transform (resize ``resize`` — default image_size·256/224 —
     then centre-crop ``image_size``). ``"bundled"`` as a root means the demo set's split.
     Returns ``{"knn_top1": …, "knn_top5": …}`` in percent.
@@ -131,7 +132,10 @@ def knn_monitor(
             worker_start="forkserver",
         )
     del model
-    (ft, yt), (fv, yv) = feats["train"], feats["val"]
-    acc = knn_accuracy(ft.to(dev), yt, fv, yv, n, k, temperature)
-    log.info(f"kNN monitor (k={k}, T={temperature}): top-1 {acc['top1']:.2f}%")
-    return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+    res: dict[str, float] = {}
+    if dist.is_main():  # the features were gathered to rank 0 only
+        (ft, yt), (fv, yv) = feats["train"], feats["val"]
+        acc = knn_accuracy(ft.to(dev), yt, fv, yv, n, k, temperature)
+        log.info(f"kNN monitor (k={k}, T={temperature}): top-1 {acc['top1']:.2f}%")
+        res = {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+    return dist.broadcast_object(res)  # type: ignore[return-value]
