@@ -313,6 +313,38 @@ def test_run_time_failures_are_probed_with_the_loaders_decoder(
     assert calls == [(False, 3)] and not dl.usable[2]
 
 
+def test_feed_ahead_thread_gives_the_same_batches_and_stops_with_the_epoch(
+    tmp_path: Path,
+) -> None:
+    """The pipeline runs on a background thread ahead of training: same batches, same order
+    as on the caller's thread; an abandoned epoch (max_steps, a signal) ends the thread."""
+    import threading
+
+    samples = _coded_folder(tmp_path / "d", 24)
+    index = _index(samples, tmp_path / "d")
+    inline = replace(CPU, feed_ahead=0)
+    a = [
+        _decoded_indices(v1)
+        for v1, _ in D.DaliPretrainLoader(samples, only(size=8), 4, index, options=inline).epoch(1)
+    ]
+    dl = D.DaliPretrainLoader(samples, only(size=8), 4, index, options=CPU)
+    assert CPU.feed_ahead > 0
+    b = [_decoded_indices(v1) for v1, _ in dl.epoch(1)]
+    assert a == b and len(a) == 6
+    before = threading.active_count()
+    it = dl.epoch(2)
+    next(it)
+    assert threading.active_count() == before + 1  # the feed thread runs ahead
+    it.close()  # abandoned mid-epoch
+    assert threading.active_count() == before
+    assert [_decoded_indices(v1) for v1, _ in dl.epoch(2, start_batch=1)] == [
+        _decoded_indices(v1)
+        for v1, _ in D.DaliPretrainLoader(samples, only(size=8), 4, index, options=inline).epoch(
+            2, start_batch=1
+        )
+    ]
+
+
 # ----------------------------------------------------------------------------- order
 
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import queue
 import random
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +99,9 @@ class DaliOptions:
     half: bool = False  # fp16 output (only with gpu: the engine runs fp16 autocast)
     prefetch: int = 2  # batches DALI prepares ahead
     read_threads: int = 4  # threads reading encoded files (overlap file-system latency)
+    # Run the pipeline (and its Python feed: file reads, parameter draws) on a background
+    # thread, this many batches ahead of training; 0 runs it on the caller's thread.
+    feed_ahead: int = 2
 
 
 def _read(path: str) -> np.ndarray | None:
@@ -469,6 +474,54 @@ def _next_usable(usable: np.ndarray) -> np.ndarray:
     return good[np.where(pos == len(good), 0, pos)].astype(np.int64)
 
 
+class _Ahead:
+    """Calls ``produce`` ``n`` times on a background thread, at most ``depth`` results ahead of
+    ``get``: DALI's ``pipe.run()`` runs the external source's Python callback (file reads,
+    per-sample draws) on the thread that calls it, so on the training thread the GPU would wait
+    for Python. An exception ends the thread and is raised by the ``get`` that reaches it."""
+
+    def __init__(self, produce: Callable[[], Any], n: int, depth: int):
+        self._q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce, n), daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], Any], n: int) -> None:
+        for _ in range(n):
+            if self._stop.is_set():
+                return
+            try:
+                item: tuple[bool, Any] = (True, produce())
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer as it is
+                item = (False, e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+
+    def get(self) -> Any:
+        ok, value = self._q.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop producing (after the batch in progress) and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+
+class _Inline:
+    """``_Ahead``'s interface on the caller's thread (``feed_ahead: 0``)."""
+
+    def __init__(self, produce: Callable[[], Any]):
+        self.get, self.close = produce, lambda: None
+
+
 class DaliPretrainLoader:
     """Batches of two views for one rank: the torchvision backend's PretrainLoader interface
     (``steps_per_epoch``, ``indices(epoch)``, ``epoch(epoch, start_batch)``, ``substituted``)
@@ -530,18 +583,28 @@ class DaliPretrainLoader:
         batches = [keys[k * b : (k + 1) * b] for k in range(start_batch, self.steps_per_epoch)]
         make = functools.partial(self._batch, epoch)
         done = 0
+        ahead = self._runner.options.feed_ahead
         while done < len(batches):
             self._runner.start(batches[done:], make)
-            for k in range(done, len(batches)):
-                try:
-                    v1, v2, idx = self._runner.next()
-                except RuntimeError as e:
-                    self._recover(e)
-                    break
-                self.substituted += int(np.count_nonzero(self.subst[batches[k]] != batches[k]))
-                self.last_indices = idx
-                done = k + 1
-                yield v1, v2
+            feed = (
+                _Ahead(self._runner.next, len(batches) - done, ahead)
+                if ahead > 0
+                else _Inline(self._runner.next)
+            )
+            try:
+                for k in range(done, len(batches)):
+                    try:
+                        v1, v2, idx = feed.get()
+                    except RuntimeError as e:
+                        feed.close()
+                        self._recover(e)
+                        break
+                    self.substituted += int(np.count_nonzero(self.subst[batches[k]] != batches[k]))
+                    self.last_indices = idx
+                    done = k + 1
+                    yield v1, v2
+            finally:
+                feed.close()  # an abandoned epoch (max_steps, a signal) stops the thread too
 
     def close(self) -> None:
         """Release the pipeline (and its memory); the next epoch builds a new one."""
