@@ -47,7 +47,7 @@ class SyntheticLoader:
         self.steps_per_epoch = steps
 
     def epoch(
-        self, epoch: int, start_batch: int = 0
+        self, epoch: int, start_batch: int = 0, end_batch: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator(device=self.device).manual_seed(epoch)
         x = torch.randn(2, self.batch, 3, self.size, self.size, device=self.device, generator=g)

@@ -17,13 +17,14 @@ class TensorLoader:
         self.steps_per_epoch = (n // world) // batch_size
 
     def epoch(
-        self, epoch: int, start_batch: int = 0
+        self, epoch: int, start_batch: int = 0, end_batch: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        end = self.steps_per_epoch if end_batch is None else min(end_batch, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = torch.randperm(len(self.images), generator=g)
         per_rank = len(order) // self.world
         mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
-        for b in range(start_batch, self.steps_per_epoch):
+        for b in range(start_batch, end):
             idx = mine[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images[idx]
             # two "views": a flip and a brightness change, deterministic per sample

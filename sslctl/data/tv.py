@@ -344,16 +344,20 @@ class PretrainLoader:
         self.sampler.set_epoch(epoch)
         return list(self.sampler)[: self.steps_per_epoch * self.batch_size]
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (v1, v2) batches (B×3×H×W float32) of ``epoch`` from micro-batch start_batch.
+    def epoch(
+        self, epoch: int, start_batch: int = 0, end_batch: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (v1, v2) batches (B×3×H×W float32) of ``epoch`` from micro-batch start_batch
+        up to ``end_batch`` (default: the epoch's end; nothing past it is decoded).
 
         Resuming skips the first start_batch batches by slicing the index list, so nothing is
         decoded twice and the remaining batches equal those of an uninterrupted epoch. Use one
         epoch iterator at a time: starting another resets the (persistent) workers' queue.
         """
-        if not 0 <= start_batch <= self.steps_per_epoch:
-            raise ValueError(f"start_batch {start_batch} outside 0..{self.steps_per_epoch}")
-        chosen = self.indices(epoch)[start_batch * self.batch_size :]
+        end = self.steps_per_epoch if end_batch is None else min(end_batch, self.steps_per_epoch)
+        if not 0 <= start_batch <= end:
+            raise ValueError(f"start_batch {start_batch} outside 0..{end}")
+        chosen = self.indices(epoch)[start_batch * self.batch_size : end * self.batch_size]
         self._keys.keys = [(epoch, i) for i in chosen]
         norms, dev = self.dataset.transform.norms, self.normalize_on
         for v1, v2, substituted in self._loader:

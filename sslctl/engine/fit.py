@@ -68,7 +68,7 @@ class FitRequest:
     cfg: Config
     run_dir: Path
     loader: (
-        Any  # data backend object: steps_per_epoch, epoch(e, start_batch) -> iterator of (v1, v2)
+        Any  # data backend: steps_per_epoch, epoch(e, start_batch, end_batch) -> (v1, v2) batches
     )
     resume: str = "auto"  # auto | none | a checkpoint path
     max_steps: int | None = None
@@ -449,7 +449,9 @@ class Trainer:
         window: dict[str, Any] = {"_n": 0}
         loss_sum = torch.zeros((), device=self.di.device)
         t0, seen = time.perf_counter(), 0
-        it = loader.epoch(self.pos.epoch, start_batch=self.pos.batch)
+        # The last micro-batches that do not fill an accumulation cycle are not trained on:
+        # the loader stops before them (a DALI pipeline then ends cleanly and is reused).
+        it = loader.epoch(self.pos.epoch, start_batch=self.pos.batch, end_batch=micro_total)
         for micro in range(self.pos.batch, micro_total):
             v1, v2 = next(it)
             last = (micro + 1) % acc == 0
