@@ -367,6 +367,21 @@ def test_an_epoch_cut_short_by_accumulation_reuses_the_pipeline(
     assert got[1] == [_decoded_indices(v) for v, _ in dl.epoch(1)][:4]  # the same first batches
 
 
+def test_channels_last_views_equal_the_nchw_views_without_a_copy(tmp_path: Path) -> None:
+    """On the GPU the views are rendered HWC and viewed as channels_last NCHW tensors, so the
+    engine's channels_last conversion is free; the values equal the CHW rendering's."""
+    samples = _coded_folder(tmp_path / "d", 8)
+    index = _index(samples, tmp_path / "d")
+    specs = byol_views(16, 0.3)
+    a = list(D.DaliPretrainLoader(samples, specs, 4, index, options=CPU).epoch(0))
+    cl = replace(CPU, channels_last=True)
+    b = list(D.DaliPretrainLoader(samples, specs, 4, index, options=cl).epoch(0))
+    for (a1, a2), (b1, b2) in zip(a, b, strict=True):
+        assert b1.shape == a1.shape == (4, 3, 16, 16)
+        assert b1.is_contiguous(memory_format=torch.channels_last) and a1.is_contiguous()
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
 # ----------------------------------------------------------------------------- order
 
 

@@ -102,6 +102,9 @@ class DaliOptions:
     # Run the pipeline (and its Python feed: file reads, parameter draws) on a background
     # thread, this many batches ahead of training; 0 runs it on the caller's thread.
     feed_ahead: int = 2
+    # Views as channels_last NCHW tensors (rendered HWC, viewed without a copy), as the engine
+    # trains on CUDA; None: on the GPU only.
+    channels_last: bool | None = None
 
 
 def _read(path: str) -> np.ndarray | None:
@@ -177,15 +180,24 @@ def _interp(types: Any, name: str) -> Any:
     }[name]
 
 
-def _normalize(fn: Any, types: Any, v: Any, mirror: Any, spec: ViewSpec | EvalSpec, half: bool):
-    """uint8 HWC → normalised CHW float (fp16 with ``half``), mirrored where asked."""
+def _normalize(
+    fn: Any,
+    types: Any,
+    v: Any,
+    mirror: Any,
+    spec: ViewSpec | EvalSpec,
+    half: bool,
+    nhwc: bool = False,
+):
+    """uint8 HWC → normalised float (fp16 with ``half``), mirrored where asked; CHW, or HWC
+    with ``nhwc`` (the loader then views it as a channels_last NCHW tensor, no copy)."""
     return fn.crop_mirror_normalize(
         v,
         mirror=mirror,
         mean=[255.0 * m for m in spec.mean],
         std=[255.0 * s for s in spec.std],
         dtype=types.FLOAT16 if half else types.FLOAT,
-        output_layout="CHW",
+        output_layout="HWC" if nhwc else "CHW",
     )
 
 
@@ -204,7 +216,9 @@ def _solarize_lut(threshold: int) -> list[float]:
     return [float(255 - v if v >= threshold else v) for v in range(256)]
 
 
-def _render_view(img: Any, a: dict[str, Any], spec: ViewSpec, gpu: bool, half: bool) -> Any:
+def _render_view(
+    img: Any, a: dict[str, Any], spec: ViewSpec, gpu: bool, half: bool, nhwc: bool = False
+) -> Any:
     """One view of the decoded batch ``img`` from the drawn parameters ``a`` (DALI graph;
     the ``if``s on DataNodes are DALI conditionals: only the selected samples are processed).
 
@@ -230,7 +244,7 @@ def _render_view(img: Any, a: dict[str, Any], spec: ViewSpec, gpu: bool, half: b
     if a["solarize"]:
         lut = _solarize_lut(spec.solarize_threshold)
         v = fn.lookup_table(v, keys=list(range(256)), values=lut, dtype=types.UINT8)
-    return _normalize(fn, types, v, a["flip"], spec, half)
+    return _normalize(fn, types, v, a["flip"], spec, half, nhwc)
 
 
 # nvJPEG's buffers grow to the largest image seen; reserving ImageNet-sized room up front
@@ -248,7 +262,9 @@ def _decode(fn: Any, types: Any, encoded: Any, gpu: bool) -> Any:
     )
 
 
-def _pretrain_graph(feed: _Feed, specs: tuple[ViewSpec, ViewSpec], gpu: bool, half: bool):
+def _pretrain_graph(
+    feed: _Feed, specs: tuple[ViewSpec, ViewSpec], gpu: bool, half: bool, nhwc: bool = False
+):
     """(view 1, view 2, sample index) of a batch of encoded images (a DALI pipeline body)."""
     fn, types, _ = _ops()
     vt, vn = _view_types(types)
@@ -264,8 +280,8 @@ def _pretrain_graph(feed: _Feed, specs: tuple[ViewSpec, ViewSpec], gpu: bool, ha
     # (AutoGraph, which rewrites this function for the conditionals, has no zip(strict=...))
     a1 = {name: outs[1 + i] for i, name in enumerate(_VIEW_FIELDS)}
     a2 = {name: outs[1 + k + i] for i, name in enumerate(_VIEW_FIELDS)}
-    v1 = _render_view(img, a1, specs[0], gpu, half)
-    v2 = _render_view(img, a2, specs[1], gpu, half)
+    v1 = _render_view(img, a1, specs[0], gpu, half, nhwc)
+    v2 = _render_view(img, a2, specs[1], gpu, half, nhwc)
     return v1, v2, outs[-1]
 
 
@@ -571,7 +587,10 @@ class DaliPretrainLoader:
         self.substituted = 0  # samples replaced by the next usable image, seen by this rank
         self.last_indices: Tensor | None = None
         self._files = ThreadPoolExecutor(max_workers=max(1, options.read_threads))
-        self._runner = _Runner(_pretrain_graph, batch_size, options, specs=spec_pair)
+        self._nhwc = options.gpu if options.channels_last is None else options.channels_last
+        self._runner = _Runner(
+            _pretrain_graph, batch_size, options, specs=spec_pair, nhwc=self._nhwc
+        )
 
     def indices(self, epoch: int) -> list[int]:
         """This rank's sample indices for ``epoch`` (steps_per_epoch × batch_size of them)."""
@@ -613,6 +632,8 @@ class DaliPretrainLoader:
                     self.substituted += int(np.count_nonzero(self.subst[batches[k]] != batches[k]))
                     self.last_indices = idx
                     done = k + 1
+                    if self._nhwc:  # B×H×W×3 → B×3×H×W with channels_last strides, no copy
+                        v1, v2 = v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
                     yield v1, v2
             finally:
                 feed.close()  # an abandoned epoch (max_steps, a signal) stops the thread too
