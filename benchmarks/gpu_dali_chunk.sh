@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Bring the DALI wheel (≈200 MB, with its nvimgcodec/nvcomp/nvjpeg dependencies) to a lent GPU
 # machine whose calls carry at most 64 MiB each: one call per chunk folder .daliN (git-ignored,
-# made beforehand: the wheels repacked uncompressed, tarred, xz-compressed, split into 55 MiB
-# parts, SHA256 in .dali1). Back-to-back calls on the same warm machine:
+# made here by benchmarks/make_dali_chunks.sh: the wheels repacked uncompressed, tarred,
+# xz-compressed, split into 55 MiB parts, SHA256 in .dali1). Back-to-back calls on the same warm
+# machine (DALI_PARTS = the number of folders, 3 for DALI 2.4.0):
 #
 #   bash benchmarks/gpu_dali_chunk.sh 1      (carry .dali1)
 #   bash benchmarks/gpu_dali_chunk.sh 2      (carry .dali2)
