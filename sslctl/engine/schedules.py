@@ -1,9 +1,9 @@
 """Per-step schedules indexed by the global optimizer step (0-based).
 
-The step is the state (as in DINO), so resume is trivial. The engine evaluates one step at a
-time (``WarmupCosine(...)(k)``, ``TargetMomentum(...)(k)``): memory and start-up cost do not
-grow with the run's length (a 10⁹-step curve would be 8 GB as float64). ``warmup_cosine`` and
-``target_momentum`` return the whole curve as float64 tensors, computed by the same formula.
+The step is the state (as in DINO), so resume is trivial. Each schedule is evaluated one step
+at a time (``WarmupCosine(...)(k)``, ``TargetMomentum(...)(k)``, ``ReferenceLR(...)(k)``):
+memory and start-up cost do not grow with the run's length (a 10⁹-step curve would be 8 GB as
+float64). ``warmup_cosine`` and ``target_momentum`` list a whole curve (tests, plots).
 """
 
 from __future__ import annotations
@@ -33,49 +33,16 @@ def _check_momentum(m0: float, total_steps: int) -> None:
         raise UserError(f"target momentum must be in [0, 1], got {m0}")
 
 
-def warmup_cosine(
-    base: float,
-    total_steps: int,
-    warmup_steps: int,
-    start_factor: float = 1e-4,
-    final_factor: float = 0.0,
-) -> torch.Tensor:
-    """Linear warm-up, then half a cosine; a float64 tensor of length ``total_steps``.
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warm-up, then half a cosine (``optim.schedule: per-step``), at one step in O(1).
 
     Steps 0 … W−1 (W = ``warmup_steps``) rise linearly from ``start_factor·base``, reaching
     ``base`` at step W; steps W … K−1 follow a cosine from ``base`` to ``final_factor·base``,
     which the last step K−1 takes exactly. When the cosine part has a single step (K = W + 1)
-    that step is ``base``. SPEC §1: warm-up from 1e-4·lr over 10 epochs, cosine to 0.
-
-    (The reference's mmcv scheduler runs its cosine over all K steps, warm-up included, and
-    multiplies the warm-up onto it, so it ends warm-up at cos-annealed ≈ 0.994·base for 10
-    of 200 epochs and stops one step short of the final value; the difference is negligible.)
+    that step is ``base``. Steps past the end keep the last value. The paper code's schedule,
+    whose cosine is per epoch over all epochs, is ``ReferenceLR``.
     """
-    _check_warmup(total_steps, warmup_steps)
-    warm = torch.arange(warmup_steps, dtype=torch.float64) / max(warmup_steps, 1)
-    warm = base * (start_factor + (1.0 - start_factor) * warm)
-    n_cos = total_steps - warmup_steps
-    t = torch.arange(n_cos, dtype=torch.float64) / max(n_cos - 1, 1)
-    final = final_factor * base
-    cos = final + (base - final) * 0.5 * (1.0 + torch.cos(math.pi * t))
-    return torch.cat([warm, cos])
-
-
-def target_momentum(m0: float, total_steps: int) -> torch.Tensor:
-    """BYOL's target EMA momentum per step: m(k) = 1 − (1 − m0)·(cos(πk/K) + 1)/2.
-
-    k = 0 … K−1 with K = ``total_steps``; float64 tensor of length K. m(0) = m0 and m rises
-    along a cosine towards 1. As in the reference (k/K, not k/(K−1)), the last value
-    1 − (1 − m0)·(1 − cos(π/K))/2 stays just below 1, so the last update still moves the target.
-    """
-    _check_momentum(m0, total_steps)
-    k = torch.arange(total_steps, dtype=torch.float64)
-    return 1.0 - (1.0 - m0) * 0.5 * (torch.cos(math.pi * k / total_steps) + 1.0)
-
-
-@dataclass(frozen=True)
-class WarmupCosine:
-    """``warmup_cosine``'s value at one step, in O(1) time and memory; validated on creation."""
 
     base: float
     total_steps: int
@@ -99,7 +66,12 @@ class WarmupCosine:
 
 @dataclass(frozen=True)
 class TargetMomentum:
-    """``target_momentum``'s value at one step, in O(1) time and memory."""
+    """BYOL's target EMA momentum at step k, in O(1): m(k) = 1 − (1 − m0)·(cos(πk/K) + 1)/2.
+
+    k = 0 … K−1 with K = ``total_steps``. m(0) = m0 and m rises along a cosine towards 1. As in
+    the reference (k/K, not k/(K−1)), the last value 1 − (1 − m0)·(1 − cos(π/K))/2 stays just
+    below 1, so the last update still moves the target.
+    """
 
     m0: float
     total_steps: int
@@ -110,6 +82,24 @@ class TargetMomentum:
     def __call__(self, k: int) -> float:
         k = min(max(k, 0), self.total_steps - 1)
         return 1.0 - (1.0 - self.m0) * 0.5 * (math.cos(math.pi * k / self.total_steps) + 1.0)
+
+
+def warmup_cosine(
+    base: float,
+    total_steps: int,
+    warmup_steps: int,
+    start_factor: float = 1e-4,
+    final_factor: float = 0.0,
+) -> torch.Tensor:
+    """The whole ``WarmupCosine`` curve: a float64 tensor of length ``total_steps``."""
+    at = WarmupCosine(base, total_steps, warmup_steps, start_factor, final_factor)
+    return torch.tensor([at(k) for k in range(total_steps)], dtype=torch.float64)
+
+
+def target_momentum(m0: float, total_steps: int) -> torch.Tensor:
+    """The whole ``TargetMomentum`` curve: a float64 tensor of length ``total_steps``."""
+    at = TargetMomentum(m0, total_steps)
+    return torch.tensor([at(k) for k in range(total_steps)], dtype=torch.float64)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from sslctl.config import CachedCfg, LinearConfig
 from sslctl.data.tv import EvalDataset
 from sslctl.data.views import linear_train, linear_val
 from sslctl.engine.preempt import StopFlag
-from sslctl.engine.schedules import warmup_cosine
+from sslctl.engine.schedules import WarmupCosine
 from sslctl.eval.cache import state_digest
 from sslctl.eval.features import shard_range
 from sslctl.eval.knn import correct_counts
@@ -147,13 +147,13 @@ class StandardProbe:
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.batch)
         self.total_steps = self.lin.epochs * self.steps_per_epoch
         warm = round(self.lin.warmup_epochs * self.steps_per_epoch)
-        self.lrs = warmup_cosine(
+        self.lr = WarmupCosine(
             self.lin.lr,
             self.total_steps,
             warm,
             self.lin.warmup_start_factor,
             self.lin.final_lr_factor,
-        ).tolist()
+        )
         self.pos = _Position()
         self.best, self.best_epoch = -1.0, 0
         self.history: list[dict[str, float]] = []
@@ -255,7 +255,7 @@ class StandardProbe:
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(self.model(self.features(x)), y.to(self.di.device))
         for g in self.opt.param_groups:
-            g["lr"] = self.lrs[min(self.pos.step, self.total_steps - 1)]
+            g["lr"] = self.lr(self.pos.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -299,7 +299,7 @@ class StandardProbe:
                 "step": self.pos.step,
                 "epoch": self.pos.epoch + self.pos.batch / self.steps_per_epoch,
                 "loss": loss,
-                "lr": self.lrs[self.pos.step - 1],
+                "lr": self.lr(self.pos.step - 1),
                 "img_s": rate,
             }
         )
@@ -444,7 +444,7 @@ def train_cached_head(
     head = make_head(tf.shape[1], num_classes, seed).to(device)
     opt = torch.optim.SGD(head.parameters(), cfg.lr, cfg.momentum, weight_decay=cfg.weight_decay)
     spe = math.ceil(tf.shape[0] / cfg.batch_size)
-    lrs = warmup_cosine(cfg.lr, cfg.epochs * spe, round(cfg.warmup_epochs * spe)).tolist()
+    lr = WarmupCosine(cfg.lr, cfg.epochs * spe, round(cfg.warmup_epochs * spe))
     g = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     best, best_epoch, step = -1.0, 0, 0
@@ -457,7 +457,7 @@ def train_cached_head(
                 idx = order[i : i + cfg.batch_size]
                 x = (tf[idx].to(device) - stats[0]) / stats[1]
                 loss = F.cross_entropy(head(x), ty[idx].to(device))
-                opt.param_groups[0]["lr"] = lrs[step]
+                opt.param_groups[0]["lr"] = lr(step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
