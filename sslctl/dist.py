@@ -169,7 +169,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def gather_equal(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks in rank order (no grad) when every rank's x has the same
-    shape (drop_last micro-batches): no size exchange and no host sync, unlike gather_varsize."""
+    shape (drop_last micro-batches): no size exchange and no host sync."""
     if not is_dist() or world_size() == 1:
         return x
     x = x.contiguous()
@@ -196,18 +196,3 @@ def gather_to_main(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     if parts is None:
         return x.new_empty((0, *x.shape[1:]))
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
-
-
-def gather_varsize(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks in rank order (no grad), allowing different first dims."""
-    if not is_dist() or world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    tdist.all_gather(sizes, n)
-    m = int(max(int(s.item()) for s in sizes))
-    pad = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    pad[: x.shape[0]] = x
-    out = [torch.empty_like(pad) for _ in range(world_size())]
-    tdist.all_gather(out, pad)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)], dim=0)

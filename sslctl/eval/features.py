@@ -137,13 +137,18 @@ def _run_local(
     return feats, labels
 
 
+def fits_in_free_memory(nbytes: int, device: torch.device, share: float) -> bool:
+    """Whether ``nbytes`` fit in ``share`` of the accelerator's free memory (False on the CPU)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < free * share
+
+
 def _feature_store(rows: int, dim: int, device: torch.device) -> torch.device:
     """Where a shard's features accumulate: on the accelerator when they fit in a quarter of
     its free memory (the gather may need as much again), else on the host."""
-    if device.type != "cuda":
-        return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if rows * dim * 4 < free // 4 else torch.device("cpu")
+    return device if fits_in_free_memory(rows * dim * 4, device, 0.25) else torch.device("cpu")
 
 
 def _agree_shapes(

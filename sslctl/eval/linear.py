@@ -34,7 +34,7 @@ from sslctl.data.views import linear_train, linear_val
 from sslctl.engine.preempt import StopFlag
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.eval.cache import state_digest
-from sslctl.eval.features import shard_range
+from sslctl.eval.features import fits_in_free_memory, shard_range
 from sslctl.eval.knn import correct_counts
 from sslctl.eval.splits import Splits
 
@@ -376,10 +376,7 @@ def _standardiser(train_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def fits_in_half_free(t: torch.Tensor, device: torch.device) -> bool:
     """Whether ``t`` fits in half the accelerator's free memory (False for the CPU)."""
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return t.numel() * t.element_size() < free // 2
+    return fits_in_free_memory(t.numel() * t.element_size(), device, 0.5)
 
 
 def to_device_if_fits(
@@ -428,7 +425,6 @@ def train_cached_head(
     seed: int = 0,
     metrics: log.MetricsWriter | None = None,
     desc: str = "cached probe",
-    fits: Callable[[torch.Tensor, torch.device], bool] = fits_in_half_free,
 ) -> ProbeResult:
     """A linear head on cached features (n×d, labels n): the fast proxy, not SPEC §3.
 
@@ -439,7 +435,7 @@ def train_cached_head(
     per-iteration cosine; top-1/top-5 on the val features after every epoch.
     """
     (tf, ty), (vf, vy) = train, val
-    tf, ty = place_features(tf, ty, device, fits)
+    tf, ty = place_features(tf, ty, device)
     stats = tuple(t.to(device) for t in _standardiser(tf))
     head = make_head(tf.shape[1], num_classes, seed).to(device)
     opt = torch.optim.SGD(head.parameters(), cfg.lr, cfg.momentum, weight_decay=cfg.weight_decay)
