@@ -54,9 +54,7 @@ def _found_inf(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torc
         return None
     if not found:
         return None
-    return torch.stack(
-        [v.reshape(()).to(next(iter(found.values())).device) for v in found.values()]
-    ).sum()
+    return sum(v.reshape(()) for v in found.values())  # one entry: this process's one device
 
 
 class TrainingHalted(UserError):
@@ -161,7 +159,6 @@ class Trainer:
         self.nonfinite = 0
         self._unscaled = False  # GradScaler.unscale_ already ran for this step (in _agree)
         self._overflow: bool | None = None  # this step's fp16 overflow, when known on the host
-        self._overflow_known = False
         self.metrics_path = req.run_dir / "metrics.jsonl"
 
     def _prepare_model(self) -> None:
@@ -391,8 +388,9 @@ class Trainer:
         self.metrics.write(rec)
         return rec
 
-    def _bad_grads(self) -> torch.Tensor:
-        """1 (a device scalar, no host sync) when a gradient of this step is not finite.
+    def _bad_grads(self) -> tuple[torch.Tensor, bool]:
+        """(1 when a gradient of this step is not finite, as a device scalar — no host sync;
+        whether that is GradScaler's own overflow flag, i.e. known to the fp16 step).
 
         fp16: unscale now and take GradScaler's own inf flag (an overflow there is routine: the
         step is skipped and the scale lowered). bf16/fp32 have no scaler, so a finite loss with
@@ -404,13 +402,14 @@ class Trainer:
             self.scaler.unscale_(self.opt)
             self._unscaled = True
             found = _found_inf(self.scaler, self.opt)
-            self._overflow_known = found is not None
-            return torch.zeros((), device=dev) if found is None else found.to(dev)
+            if found is None:
+                return torch.zeros((), device=dev), False
+            return found.to(dev), True
         grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
         if not grads:
-            return torch.zeros((), device=dev)
+            return torch.zeros((), device=dev), False
         total = torch.stack(torch._foreach_norm(grads)).sum()
-        return (~torch.isfinite(total)).float()
+        return (~torch.isfinite(total)).float(), False
 
     def _agree(self, loss_sum: torch.Tensor, flag: StopFlag) -> tuple[bool, bool]:
         """(step usable, stop) agreed by every rank: the loss and gradient checks and the stop
@@ -418,10 +417,11 @@ class Trainer:
         dev = self.di.device
         stop = torch.tensor(float(flag.raised is not None), device=dev)
         bad_loss = (~torch.isfinite(loss_sum)).float()
-        flags = dist.all_reduce_max(torch.stack([bad_loss, self._bad_grads(), stop]))
+        bad_grads, overflow_flag = self._bad_grads()
+        flags = dist.all_reduce_max(torch.stack([bad_loss, bad_grads, stop]))
         bad_loss_v, bad_grads_v, stop_v = flags.tolist()
         fp16 = self.scaler.is_enabled()
-        self._overflow = bad_grads_v > 0 if (fp16 and self._overflow_known) else None
+        self._overflow = bad_grads_v > 0 if overflow_flag else None
         usable = bad_loss_v == 0 and (fp16 or bad_grads_v == 0)
         self._count_nonfinite(usable, "loss" if bad_loss_v else "gradients")
         return usable, stop_v > 0
