@@ -275,13 +275,19 @@ def test_sharding_two_ranks_sees_each_sample_once(tmp_path: Path) -> None:
     assert len(seen) == len(set(seen)) == 18
 
 
-def test_resume_mid_epoch_gives_the_same_batches(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
+def _noise_images(root: Path, n: int, shape: tuple[int, int], suffix: str, seed: int) -> list:
+    """n random-noise images (one class) as (path, 0) samples."""
+    rng = np.random.default_rng(seed)
     samples = []
-    for i in range(20):
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    for i in range(n):
+        path = root / f"{i}{suffix}"
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
         samples.append((str(path), 0))
+    return samples
+
+
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path: Path) -> None:
+    samples = _noise_images(tmp_path, 20, (20, 24), ".png", seed=0)
     spec_pair = views.byol_views(size=12, scale_min=0.2)
     full = list(PretrainLoader(samples, spec_pair, 4, seed=9, workers=0).epoch(3))
     resumed = list(PretrainLoader(samples, spec_pair, 4, seed=9, workers=2).epoch(3, start_batch=2))
@@ -298,12 +304,7 @@ def test_uint8_views_normalised_after_transfer_equal_the_float_path(tmp_path: Pa
     """On a GPU the workers ship uint8 views (4× less traffic) and the loader normalises them
     on the device; the result must equal the float32 views of the CPU path, bit for bit (the
     same multiply-add; the CPU stands in for the device here)."""
-    rng = np.random.default_rng(1)
-    samples = []
-    for i in range(12):
-        path = tmp_path / f"{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
-        samples.append((str(path), 0))
+    samples = _noise_images(tmp_path, 12, (30, 40), ".jpg", seed=1)
     spec_pair = views.byol_views(size=16, scale_min=0.2)
     floats = list(PretrainLoader(samples, spec_pair, 4, seed=3, workers=0).epoch(1))
     shipped = PretrainLoader(

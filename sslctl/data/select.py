@@ -89,7 +89,7 @@ def resolve_backend(
     if cuda:
         log.warn(
             "data.backend auto: DALI is not installed, so images are decoded on the CPU by the "
-            "torchvision loader (about 3× slower end to end on an H200, BENCHMARKS.md); "
+            "torchvision loader (slower end to end than DALI on a GPU, BENCHMARKS.md); "
             "`pip install 'sslctl\\[dali]'` decodes them on the GPU"
         )
     return "dali" if CPU_AUTO == "dali" and have else "torchvision"
