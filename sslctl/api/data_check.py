@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sslctl import UserError
 from sslctl.data.index import KINDS, USABLE, build_index, index_path
-from sslctl.data.readers import read_list_file, scan_imagefolder
+from sslctl.data.readers import Skipped, read_list_file, scan_imagefolder
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,9 @@ class DataCheckResult:
     odd: list[tuple[str, str, str]]  # (path, kind, reason) of every file whose kind is not ok
     checked: int  # files decoded now (the others were unchanged since the cached index)
     seconds: float
+    # left out by the scan, never in the index: directory links to a folder already read
+    # (symlink loops) and FIFOs/sockets/devices named like images (opening one can block)
+    skipped: Skipped = field(default_factory=Skipped)
 
 
 def data_check(
@@ -36,12 +39,13 @@ def data_check(
     """
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
+    skipped = Skipped()
     if list_file is not None:
         lst = list_file if list_file.is_absolute() else root / list_file
-        samples = read_list_file(lst, root)
+        samples = read_list_file(lst, root, skipped)
     else:
         lst = None
-        samples, _ = scan_imagefolder(root)
+        samples, _ = scan_imagefolder(root, skipped)
     cache = index_path(root, lst or "")
     built = build_index([p for p, _ in samples], root, cache, threads=threads, rescan=rescan)
     idx = built.index
@@ -54,6 +58,7 @@ def data_check(
         odd=idx.files_of([k for k in KINDS if k != "ok"]),
         checked=built.checked,
         seconds=built.seconds,
+        skipped=skipped,
     )
 
 

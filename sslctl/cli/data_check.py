@@ -57,6 +57,9 @@ def command(
         out_console.print(escape(line), soft_wrap=True)
     if len(r.odd) > show:
         out_console.print(f"  … and {len(r.odd) - show:,} more")
+    if r.skipped.total:
+        line = f"skipped by the scan, not in the index: {r.skipped.describe()}"
+        out_console.print(escape(line), soft_wrap=True)
     out_console.print(
         f"index: {r.index_path} ({r.checked:,} file(s) decoded now, {r.seconds:.1f} s)",
         soft_wrap=True,

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sslctl.checkpoint import atomic_write
 from sslctl.data.bundled import cache_dir
+from sslctl.data.readers import NOT_REGULAR, is_special_mode
 
 VERSION = 1
 
@@ -42,7 +43,7 @@ KINDS = (
     "zero-byte",
     "not-an-image",  # no image format recognised
     "other-format",  # PIL reads it, DALI does not (GIF, ICO, ... behind an image extension)
-    "unreadable",  # cannot be opened or stat'ed (permissions, vanished, too many pixels)
+    "unreadable",  # cannot be stat'ed or opened (permissions, vanished, too many pixels, a FIFO)
 )
 USABLE = frozenset(KINDS[:5])
 KIND_CODE = {k: i for i, k in enumerate(KINDS)}
@@ -92,7 +93,10 @@ def _format_kind(path: str, fmt: str, mode: str) -> str:
 def check_file(path: str) -> Check:
     """Decode ``path`` fully (truncation shows only then) and classify it."""
     try:
-        if os.path.getsize(path) == 0:
+        st = os.stat(path)
+        if is_special_mode(st.st_mode):
+            return Check("unreadable", reason=NOT_REGULAR)  # never opened: a FIFO would block
+        if st.st_size == 0:
             return Check("zero-byte", reason="empty file")
         fh = open(path, "rb")  # noqa: SIM115 - closed below; open errors are "unreadable"
     except OSError as e:
