@@ -7,7 +7,10 @@ A checkpoint named ``step_00001234`` in ``RUN/checkpoints/`` is three files:
   plain containers only, so it loads with ``weights_only=True``).
 - ``step_00001234.json``: manifest with the sha256 of both files; written last, so a checkpoint
   without a verifying manifest is incomplete and is ignored.
-Every file is written to a temp file in the same directory, fsynced and ``os.replace``d.
+All three are first written under temporary names the run owns (``.sslctl-tmp.*``, removed at
+start-up by the process holding the run's lock), fsynced, read back against the manifest, and only
+then renamed into place, manifest last. A step that already has a verified checkpoint is never
+rewritten.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sslctl import UserError
+from sslctl import UserError, log
 
 FORMAT = "sslctl-checkpoint"
 FORMAT_VERSION = "1"
@@ -63,22 +66,47 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``; no partial file on failure."""
+TMP_PREFIX = ".sslctl-tmp."  # every temporary file sslctl writes starts with this
+
+
+def _temp_for(path: Path) -> Path:
+    """A fresh, empty temporary file beside ``path`` under a name sslctl owns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
+    return Path(tmp)
+
+
+def _write_synced(write: Callable[[str], object], tmp: Path) -> None:
+    write(str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, _FILE_MODE)
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``; no partial file on failure."""
+    tmp = _temp_for(path)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        _write_synced(write, tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temporaries left in ``directory`` by a killed process (call with the lock held,
+    when no live process can own one). Returns how many were removed."""
+    n = 0
+    if directory.is_dir():
+        for p in [*directory.glob(f"{TMP_PREFIX}*"), *directory.glob(".*.tmp")]:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                p.unlink()
+                n += 1
+    return n
 
 
 def sha256_file(path: Path) -> str:
@@ -120,46 +148,76 @@ def save(
     meta: dict[str, str],
     train_state: dict[str, Any],
 ) -> CkptPaths:
-    """Write one checkpoint (weights, train state, manifest last). Rank 0 only."""
+    """Write one checkpoint (weights, train state, manifest last). Rank 0 only.
+
+    Nothing reaches a checkpoint's own names until both files are on disk under temporary names
+    and read back equal to the manifest; a step that already verifies is left as it is.
+    """
     paths = CkptPaths.of(directory, step)
+    if verify(paths)[0]:
+        return paths
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": str(step), **meta}
-    save_safetensors(paths.weights, tensors, meta)
-    atomic_write(paths.state, lambda tmp: torch.save(train_state, tmp))
-    manifest = {
-        "format": FORMAT,
-        "step": step,
-        "epoch": train_state.get("epoch"),
-        "position": train_state.get("batch_in_epoch"),
-        "files": {
-            paths.weights.name: sha256_file(paths.weights),
-            paths.state.name: sha256_file(paths.state),
-        },
-    }
-
-    def write_manifest(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(manifest, indent=1))
-
-    atomic_write(paths.manifest, write_manifest)
+    flat = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(tensors).items()}
+    temps: list[Path] = []
+    try:
+        w_tmp, s_tmp, m_tmp = (_temp_for(p) for p in (paths.weights, paths.state, paths.manifest))
+        temps = [w_tmp, s_tmp, m_tmp]
+        _write_synced(lambda t: save_file(flat, t, metadata=meta), w_tmp)
+        _write_synced(lambda t: torch.save(train_state, t), s_tmp)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "epoch": train_state.get("epoch"),
+            "position": train_state.get("batch_in_epoch"),
+            "files": {paths.weights.name: sha256_file(w_tmp), paths.state.name: sha256_file(s_tmp)},
+        }
+        _write_synced(lambda t: Path(t).write_text(json.dumps(manifest, indent=1)), m_tmp)
+        ok, why = _verify_files(m_tmp, {paths.weights.name: w_tmp, paths.state.name: s_tmp})
+        if not ok:
+            raise OSError(f"checkpoint step {step} did not read back ({why})")
+        os.replace(w_tmp, paths.weights)
+        os.replace(s_tmp, paths.state)
+        os.replace(m_tmp, paths.manifest)  # last: the checkpoint exists from here on
+    finally:
+        for t in temps:
+            with contextlib.suppress(OSError):
+                t.unlink()
+    _fsync_dir(directory)
     return paths
+
+
+def _listed(manifest_path: Path) -> dict[str, str]:
+    """A manifest's ``files`` mapping (name -> sha256); raises OSError/ValueError/KeyError/
+    TypeError when it cannot be read."""
+    files = json.loads(manifest_path.read_text())["files"]
+    if not isinstance(files, dict):
+        raise TypeError("files is not a mapping")
+    return files
+
+
+def _verify_files(manifest_path: Path, files: dict[str, Path]) -> tuple[bool, str]:
+    """(ok, reason): ``manifest_path`` parses and lists each name with the sha256 of its file."""
+    try:
+        listed = _listed(manifest_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return False, f"unreadable manifest ({e.__class__.__name__})"
+    for name, f in files.items():
+        if name not in listed:
+            return False, f"manifest does not list {name}"
+        if not f.is_file():
+            return False, f"{name} missing"
+        if sha256_file(f) != listed[name]:
+            return False, f"{name} does not match its sha256 (corrupt or truncated)"
+    return True, "ok"
 
 
 def verify(paths: CkptPaths) -> tuple[bool, str]:
     """(ok, reason): the manifest exists, parses and both files match their sha256."""
     if not paths.manifest.is_file():
         return False, "no manifest (incomplete write)"
-    try:
-        manifest = json.loads(paths.manifest.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return False, f"unreadable manifest ({e.__class__.__name__})"
-    for f in (paths.weights, paths.state):
-        if f.name not in files:
-            return False, f"manifest does not list {f.name}"
-        if not f.is_file():
-            return False, f"{f.name} missing"
-        if sha256_file(f) != files[f.name]:
-            return False, f"{f.name} does not match its sha256 (corrupt or truncated)"
-    return True, "ok"
+    return _verify_files(
+        paths.manifest, {paths.weights.name: paths.weights, paths.state.name: paths.state}
+    )
 
 
 def list_checkpoints(directory: Path) -> list[CkptPaths]:
@@ -274,5 +332,76 @@ def prune(
     return removed
 
 
-def iter_tmp(directory: Path) -> Iterator[Path]:
-    return (p for p in directory.glob(".*.tmp"))
+# ------------------------------------------------------------- explicit paths: integrity, finiteness
+_WARNED_NO_MANIFEST: set[Path] = set()
+
+
+def verify_explicit(weights: Path) -> None:
+    """Check a checkpoint file named on the command line against the manifest beside it.
+
+    A run directory resolves through ``newest_valid``, which verifies; a file the user names
+    would otherwise be read as it is, even corrupt. Files not named ``step_*`` (torchvision
+    .pth, extracted backbones) have no manifest to check and pass silently. Without a manifest
+    a checkpoint cannot be checked: one warning per file and process, then it is used.
+    """
+    m = _NAME.match(weights.name.split(".", 1)[0])
+    if m is None or weights.is_dir():
+        return
+    paths = CkptPaths.of(weights.parent, int(m.group(1)))
+    if not paths.manifest.is_file():
+        key = weights.resolve()
+        if key not in _WARNED_NO_MANIFEST:
+            _WARNED_NO_MANIFEST.add(key)
+            log.warn(f"{weights}: no manifest beside it; its integrity cannot be checked")
+        return
+    try:
+        listed = _listed(paths.manifest)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _unverified(
+            paths, f"{paths.manifest}: unreadable manifest ({e.__class__.__name__})"
+        ) from None
+    for f in (paths.weights, paths.state):
+        if f != weights and not f.is_file():
+            continue  # e.g. a .safetensors copied out without its train state
+        if f.name not in listed:
+            raise _unverified(paths, f"{f}: its manifest {paths.manifest.name} does not list it")
+        if not f.is_file():
+            raise UserError(f"{f}: no such file")
+        if sha256_file(f) != listed[f.name]:
+            raise _unverified(
+                paths,
+                f"{f} does not match its manifest {paths.manifest.name} "
+                "(sha256 differs: corrupt or truncated)",
+            )
+
+
+def _unverified(paths: CkptPaths, what: str) -> UserError:
+    return UserError(
+        f"{what}; pick another checkpoint (`sslctl checkpoints {paths.weights.parent}` lists "
+        "which verify)"
+    )
+
+
+def nonfinite_summary(tensors: dict[str, torch.Tensor]) -> str:
+    """'' when every floating tensor is finite, else 'N non-finite values (tensor NAME)', NAME
+    the first in ``tensors``' own order. One count per tensor, read in a single transfer (no
+    per-tensor sync on a GPU)."""
+    names = [k for k, v in tensors.items() if v.is_floating_point()]
+    if not names:
+        return ""
+    device = tensors[names[0]].device
+    counts = torch.stack(
+        [torch.isfinite(tensors[k]).logical_not_().sum().to(device) for k in names]
+    ).tolist()
+    total = int(sum(counts))
+    if not total:
+        return ""
+    first = next(k for k, n in zip(names, counts, strict=True) if n)
+    return f"{total} non-finite values (tensor {first})"
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or ±inf: evaluated, they give chance-level numbers and exit 0."""
+    bad = nonfinite_summary(tensors)
+    if bad:
+        raise UserError(f"{source}: the weights contain {bad}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -257,9 +258,10 @@ def _wrong_kind(source: str, kind: str, wanted: str) -> UserError:
     )
 
 
-def _build(cls: type, raw: Any, source: str) -> Any:
+def _build(cls: type, raw: Any, source: str, set_text: dict[str, str] | None = None) -> Any:
     """Instantiate ``cls`` (a top-level config: str fields and section dataclasses) from a
-    mapping, checking every section, key, type and choice; errors name the key and ``source``."""
+    mapping, checking every section, key, type and choice; errors name the key and ``source``.
+    ``set_text``: ``section.key`` -> the text given to ``--set`` (named instead of the file)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -274,11 +276,11 @@ def _build(cls: type, raw: Any, source: str) -> Any:
         if top[sec] is str:  # description, kind
             kwargs[sec] = _check_type(body, str, f"{source}: {sec}")
             continue
-        kwargs[sec] = _build_section(top[sec], sec, body, source)
+        kwargs[sec] = _build_section(top[sec], sec, body, source, set_text or {})
     return cls(**kwargs)
 
 
-def _build_section(cls: type, sec: str, body: Any, source: str) -> Any:
+def _build_section(cls: type, sec: str, body: Any, source: str, set_text: dict[str, str]) -> Any:
     if not isinstance(body, dict):
         raise UserError(f"{source}: section '{sec}' must be a mapping of key: value")
     types_ = _section_types(cls)
@@ -290,6 +292,10 @@ def _build_section(cls: type, sec: str, body: Any, source: str) -> Any:
                 f"{source}: unknown key '{name}' (known in '{sec}': {', '.join(types_)})"
             )
         vals[key] = _check_type(value, types_[key], f"{source}: key '{name}'")
+        if isinstance(vals[key], float) and not math.isfinite(vals[key]):
+            # inf passes range checks such as `lr > 0` and NaN makes them report the wrong thing
+            where = f"--set {name}" if name in set_text else f"{source}: key '{name}'"
+            raise UserError(f"{where}: {set_text.get(name, value)} is not a finite number")
         if name in CHOICES and vals[key] not in CHOICES[name]:
             raise UserError(
                 f"{source}: key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}"
@@ -297,24 +303,25 @@ def _build_section(cls: type, sec: str, body: Any, source: str) -> Any:
     return cls(**vals)
 
 
-def from_dict(raw: Any, source: str) -> Config:
-    """Build a Config from a sections mapping; `source` names the file in every error."""
+def from_dict(raw: Any, source: str, set_text: dict[str, str] | None = None) -> Config:
+    """Build a Config from a sections mapping; `source` names the file in every error
+    (``set_text``, from ``_read_raw``, names a --set instead where one gave the value)."""
     if isinstance(raw, dict) and "kind" in raw:
         kind = _profile_kind(raw, source)
         if kind != "pretrain":
             raise _wrong_kind(source, kind, "pretrain")
         raw = {k: v for k, v in raw.items() if k != "kind"}
-    cfg: Config = _build(Config, raw, source)
+    cfg: Config = _build(Config, raw, source, set_text)
     validate(cfg, source)
     return cfg
 
 
-def linear_from_dict(raw: Any, source: str) -> LinearConfig:
+def linear_from_dict(raw: Any, source: str, set_text: dict[str, str] | None = None) -> LinearConfig:
     """Build a LinearConfig; the mapping must say ``kind: linear-eval``."""
     kind = _profile_kind(raw, source) if isinstance(raw, dict) else "pretrain"
     if kind != "linear-eval":
         raise _wrong_kind(source, kind, "linear-eval")
-    cfg: LinearConfig = _build(LinearConfig, raw, source)
+    cfg: LinearConfig = _build(LinearConfig, raw, source, set_text)
     validate_linear(cfg, source)
     return cfg
 
@@ -437,8 +444,9 @@ def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _read_raw(profile: str, sets: list[str]) -> tuple[dict[str, Any], str]:
-    """The profile's mapping with --set overrides merged in, and the source named in errors."""
+def _read_raw(profile: str, sets: list[str]) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """The profile's mapping with --set overrides merged in, the source named in errors, and
+    each --set key's text as typed (``optim.lr`` -> ``.inf``)."""
     path = profile_path(profile)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -453,19 +461,20 @@ def _read_raw(profile: str, sets: list[str]) -> tuple[dict[str, Any], str]:
         if sec in ("description", "kind") or not isinstance(raw.get(sec, {}), dict):
             raise UserError(f"--set {sec}.*: '{sec}' is not a settable section")
         raw[sec] = {**(raw.get(sec) or {}), **kv}
-    return raw, (str(path) if not sets else f"{path} (with --set)")
+    texts = {k.strip(): v.strip() for k, v in (s.split("=", 1) for s in sets)}
+    return raw, (str(path) if not sets else f"{path} (with --set)"), texts
 
 
 def load(profile: str, sets: list[str] | None = None) -> Config:
     """Load a bundled pre-training profile (by name) or a YAML file, then apply --set overrides."""
-    raw, src = _read_raw(profile, sets or [])
-    return from_dict(raw, src)
+    raw, src, texts = _read_raw(profile, sets or [])
+    return from_dict(raw, src, texts)
 
 
 def load_linear(profile: str, sets: list[str] | None = None) -> LinearConfig:
     """Load a linear-eval profile (``kind: linear-eval``) by name or path, with --set overrides."""
-    raw, src = _read_raw(profile, sets or [])
-    return linear_from_dict(raw, src)
+    raw, src, texts = _read_raw(profile, sets or [])
+    return linear_from_dict(raw, src, texts)
 
 
 def from_json(text: str, source: str = "checkpoint") -> Config:

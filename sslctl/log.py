@@ -89,15 +89,24 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     if not path.is_file():
         return
     keep = []
+    dropped = False
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
             except ValueError:
+                dropped = True
                 continue  # a line torn by a kill
-            if int(rec.get("step", 0)) <= max_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
+            if int(rec.get("step", 0)) > max_step:
+                dropped = True
+            elif line.endswith("\n"):
+                keep.append(line)
+            else:  # a whole record whose newline was lost
+                keep.append(line + "\n")
+                dropped = True
+    if not dropped:
+        return  # nothing lost: leave the file (and its mtime) alone
+    tmp = path.with_name(f".sslctl-tmp.{path.name}")  # removed at start-up if a kill leaves it
     tmp.write_text("".join(keep), encoding="utf-8")
     os.replace(tmp, path)
 

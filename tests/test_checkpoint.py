@@ -25,7 +25,7 @@ def test_save_verify_load(tmp_path):
     assert meta["step"] == "7" and meta["format"] == checkpoint.FORMAT
     st = checkpoint.load_train_state(ck.state)
     assert st["step"] == 7 and torch.equal(st["x"], torch.arange(3))
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".sslctl-tmp.*"))
 
 
 def test_channels_last_tensor_saves(tmp_path):
@@ -103,5 +103,59 @@ def test_kill_during_atomic_write_leaves_no_partial_file(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert r.returncode == -9
     assert not target.exists()
-    assert os.listdir(tmp_path)  # the temp file stays behind, hidden and ignored
-    assert all(n.startswith(".") and n.endswith(".tmp") for n in os.listdir(tmp_path))
+    assert os.listdir(tmp_path)  # the temp file stays behind, under a name sslctl owns
+    assert all(n.startswith(checkpoint.TMP_PREFIX) for n in os.listdir(tmp_path))
+    assert checkpoint.remove_stale_temps(tmp_path) == 1 and not os.listdir(tmp_path)
+
+
+def test_a_verified_step_is_never_rewritten(tmp_path):
+    ck = _save(tmp_path, 4)
+    before = {p: p.read_bytes() for p in (ck.weights, ck.state, ck.manifest)}
+    t = {"online.w": torch.full((4, 4), -1.0)}
+    again = checkpoint.save(tmp_path, 4, t, {}, {"step": 4, "epoch": 9, "batch_in_epoch": 0})
+    assert again == ck
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(tmp_path.glob(".sslctl-tmp.*"))
+
+
+def test_an_unverified_step_is_replaced(tmp_path):
+    ck = _save(tmp_path, 4)
+    ck.manifest.unlink()  # a half-written step from a killed process
+    t = {"online.w": torch.full((4, 4), 8.0)}
+    checkpoint.save(tmp_path, 4, t, {}, {"step": 4, "epoch": 0, "batch_in_epoch": 0})
+    assert checkpoint.verify(ck) == (True, "ok")
+    assert checkpoint.load_safetensors(ck.weights)[0]["online.w"][0, 0] == 8.0
+
+
+@pytest.mark.parametrize("during", ["weights", "state"])
+def test_kill9_during_save_leaves_existing_checkpoints_and_no_visible_part(tmp_path, during):
+    """SIGKILL while writing either file of a step: the earlier checkpoint still verifies,
+    nothing under the new step's names exists, and start-up cleaning removes the temporaries."""
+    code = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from pathlib import Path
+        from sslctl import checkpoint
+        d = Path({str(tmp_path)!r})
+        st = {{"step": 1, "epoch": 0, "batch_in_epoch": 0}}
+        checkpoint.save(d, 1, {{"w": torch.ones(3)}}, {{}}, st)
+        real_file, real_torch = checkpoint.save_file, torch.save
+        def die(*a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if {during!r} == "weights":
+            checkpoint.save_file = lambda t, p, metadata=None: (real_file(t, p, metadata=metadata), die())
+        else:
+            torch.save = lambda obj, p: (real_torch(obj, p), die())
+        checkpoint.save(d, 2, {{"w": torch.zeros(3)}}, {{}}, {{**st, "step": 2}})
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    assert checkpoint.verify(checkpoint.CkptPaths.of(tmp_path, 1)) == (True, "ok")
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [1]
+    assert checkpoint.remove_stale_temps(tmp_path) >= 1
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        p.name for p in (checkpoint.CkptPaths.of(tmp_path, 1).weights,
+                         checkpoint.CkptPaths.of(tmp_path, 1).state,
+                         checkpoint.CkptPaths.of(tmp_path, 1).manifest)
+    )  # fmt: skip

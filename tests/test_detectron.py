@@ -600,7 +600,7 @@ def test_bad_inputs(tmp_path):
         with pytest.raises(UserError, match=pattern):
             api.convert_detectron(tmp_path / src, tmp_path / out, **kw)
     assert not (tmp_path / "cfg").exists()
-    assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".sslctl-tmp.*"))
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def _kill_when(proc: subprocess.Popen, run: Path, mode: str, after: float) -> No
     deadline = time.monotonic() + after
     ckdir = run / "checkpoints"
     while proc.poll() is None:
-        if mode == "write" and ckdir.is_dir() and any(ckdir.glob(".*.tmp")):
+        if mode == "write" and ckdir.is_dir() and any(ckdir.glob(".sslctl-tmp.*")):
             break
         if mode == "time" and time.monotonic() >= deadline:
             break
@@ -215,7 +215,7 @@ def test_enospc_on_save_keeps_previous_and_stops_cleanly(tmp_path, monkeypatch):
         api.pretrain(str(prof), run, data, max_steps=2)
     assert checkpoint.newest_valid(run / "checkpoints") == good
     assert checkpoint.verify(good) == (True, "ok")
-    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert not list((run / "checkpoints").glob(".sslctl-tmp.*"))
 
 
 def test_enospc_through_cli_is_one_line(tmp_path):

@@ -10,11 +10,12 @@ from sslctl.api.eval_reid import EvalReidOptions, EvalReidResult, eval_reid
 from sslctl.api.extract import ExtractResult, extract
 from sslctl.api.knn_eval import KnnEvalOptions, KnnEvalResult, knn_eval
 from sslctl.api.linear_eval import LinearEvalOptions, LinearEvalResult, linear_eval
-from sslctl.api.pretrain import PretrainResult, pretrain
+from sslctl.api.pretrain import Diverged, PretrainResult, pretrain
 
 __all__ = [
     "ConvertDetectronResult",
     "DataCheckResult",
+    "Diverged",
     "EvalReidOptions",
     "EvalReidResult",
     "ExtractResult",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import sslctl
-from sslctl import UserError, checkpoint, dist, log
+from sslctl import UserError, checkpoint, dist, log, rundir
 from sslctl.backbones import load_backbone
 from sslctl.convert.weights import read_backbone
 from sslctl.eval import reid_features as rf
@@ -437,18 +437,23 @@ def eval_reid(opts: EvalReidOptions) -> EvalReidResult:
     o = _resolve(opts)
     di = dist.init(o.device)
     try:
-        q: rf.FeatureFile | None
-        g: rf.FeatureFile | None
-        if o.query_features is not None or o.gallery_features is not None:
-            q, g = _features_from_files(o)
-            extracted: tuple[str, ...] = ()
-        else:
-            q, g, extracted = _features_from_images(o, di)
-        if not di.is_main or q is None or g is None:
-            return EvalReidResult({}, None, None, extracted, False)
-        results, results_path, plot_path = _evaluate(o, q, g, di.device)
-        return EvalReidResult(
-            results, results_path, plot_path, extracted, bool(results["ranks_cached"])
-        )
+        with rundir.lock_on_main(o.out, di.is_main):
+            return _run(o, di)
     finally:
         dist.shutdown()
+
+
+def _run(o: EvalReidOptions, di: dist.DistInfo) -> EvalReidResult:
+    q: rf.FeatureFile | None
+    g: rf.FeatureFile | None
+    if o.query_features is not None or o.gallery_features is not None:
+        q, g = _features_from_files(o)
+        extracted: tuple[str, ...] = ()
+    else:
+        q, g, extracted = _features_from_images(o, di)
+    if not di.is_main or q is None or g is None:
+        return EvalReidResult({}, None, None, extracted, False)
+    results, results_path, plot_path = _evaluate(o, q, g, di.device)
+    return EvalReidResult(
+        results, results_path, plot_path, extracted, bool(results["ranks_cached"])
+    )

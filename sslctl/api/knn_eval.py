@@ -6,6 +6,7 @@ splits, the same cache key), so with a shared ``--cache-dir`` either command re-
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,12 @@ from sslctl.api.linear_eval import (
     split_features,
     write_results,
 )
-from sslctl.api.pretrain import check_run_dir
 from sslctl.config import LinearConfig
 from sslctl.eval.cache import state_digest
 from sslctl.eval.knn import knn_accuracy
 from sslctl.eval.linear import to_device_if_fits
 from sslctl.eval.splits import Splits, resolve_splits
+from sslctl.rundir import check_writable, lock_on_main
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
     if o.k is not None:
         sets.append(f"knn.k={o.k}")
     if o.temperature is not None:
+        if not math.isfinite(o.temperature):  # else the error would name a --set never given
+            raise UserError(f"--temperature: {o.temperature} is not a finite number")
         sets.append(f"knn.temperature={o.temperature}")
     profile = o.profile or default_profile(o.data)
     cfg = config.load_linear(profile, sets)
@@ -83,36 +86,48 @@ def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
     if cfg.knn.k > len(splits.train):
         raise UserError(f"--k {cfg.knn.k} exceeds the {len(splits.train)} training images")
     learned = load_weights(o.weights, o.part)
-    check_run_dir(o.out, False)
+    check_writable(o.out)
     di = dist.init(o.device)
     try:
-        t0 = time.perf_counter()
-        results = {"protocol": "knn", **_one(o, cfg, splits, learned, di)}
-        if o.compare_random:
-            results["random_init"] = _one(o, cfg, splits, random_backbone(learned), di)
-        if not di.is_main:
-            return KnnEvalResult({}, None)
-        results.update(
-            k=cfg.knn.k,
-            temperature=cfg.knn.temperature,
-            weights=str(o.weights),
-            weights_sha256=learned.digest,
-            arch=learned.arch,
-            num_classes=splits.num_classes,
-            train=splits.train_source,
-            val=splits.val_source,
-            train_images=len(splits.train),
-            val_images=len(splits.val),
-            profile=profile,
-            image_size=cfg.data.image_size,
-            resize=cfg.data.resize,
-            world_size=di.world_size,
-            seconds=time.perf_counter() - t0,
-            sslctl_version=sslctl.__version__,
-        )
-        log.info(f"kNN k={cfg.knn.k} T={cfg.knn.temperature}: top-1 {results['top1']:.2f}%")
-        path = o.out / "results.json"
-        write_results(path, results)
-        return KnnEvalResult(results, path)
+        with lock_on_main(o.out, di.is_main):
+            return _evaluate(o, profile, cfg, splits, learned, di)
     finally:
         dist.shutdown()
+
+
+def _evaluate(
+    o: KnnEvalOptions,
+    profile: str,
+    cfg: LinearConfig,
+    splits: Splits,
+    learned: Backbone,
+    di: dist.DistInfo,
+) -> KnnEvalResult:
+    t0 = time.perf_counter()
+    results = {"protocol": "knn", **_one(o, cfg, splits, learned, di)}
+    if o.compare_random:
+        results["random_init"] = _one(o, cfg, splits, random_backbone(learned), di)
+    if not di.is_main:
+        return KnnEvalResult({}, None)
+    results.update(
+        k=cfg.knn.k,
+        temperature=cfg.knn.temperature,
+        weights=str(o.weights),
+        weights_sha256=learned.digest,
+        arch=learned.arch,
+        num_classes=splits.num_classes,
+        train=splits.train_source,
+        val=splits.val_source,
+        train_images=len(splits.train),
+        val_images=len(splits.val),
+        profile=profile,
+        image_size=cfg.data.image_size,
+        resize=cfg.data.resize,
+        world_size=di.world_size,
+        seconds=time.perf_counter() - t0,
+        sslctl_version=sslctl.__version__,
+    )
+    log.info(f"kNN k={cfg.knn.k} T={cfg.knn.temperature}: top-1 {results['top1']:.2f}%")
+    path = o.out / "results.json"
+    write_results(path, results)
+    return KnnEvalResult(results, path)

@@ -25,7 +25,6 @@ from torch import nn
 
 import sslctl
 from sslctl import UserError, checkpoint, config, dist, log
-from sslctl.api.pretrain import check_run_dir
 from sslctl.backbones import build_backbone, infer_arch, load_backbone
 from sslctl.config import LinearConfig
 from sslctl.convert.weights import read_backbone
@@ -34,6 +33,7 @@ from sslctl.eval.cache import cached_features, state_digest
 from sslctl.eval.knn import knn_accuracy
 from sslctl.eval.linear import ProbeResult, StandardProbe, to_device_if_fits, train_cached_head
 from sslctl.eval.splits import Splits, resolve_splits
+from sslctl.rundir import check_writable, lock_on_main
 
 PROTOCOLS = ("standard", "cached")
 RANDOM_SEED = 0  # the random-init baseline is the same network every time (and cacheable)
@@ -242,28 +242,41 @@ def linear_eval(o: LinearEvalOptions) -> LinearEvalResult:
     cfg = config.load_linear(profile, list(o.sets))
     splits = resolve_splits(o.data, o.train, o.val)
     learned = load_weights(o.weights, o.part)
-    check_run_dir(o.out, o.fresh)
+    check_writable(o.out, o.fresh)
     di = dist.init(o.device)
     try:
-        if di.is_main:
-            (o.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log.info(
-            f"linear-eval ({o.protocol}) of {learned.arch} on {splits.train_source} "
-            f"({len(splits.train)} images) / {splits.val_source} ({len(splits.val)}), "
-            f"{splits.num_classes} classes → {o.out} ({di.world_size} process(es), {di.device.type})"
-        )
-        run = _standard if o.protocol == "standard" else _cached
-        t0 = time.perf_counter()
-        results, stopped = run(o, cfg, splits, learned, di, False)
-        if stopped == "done" and o.compare_random:
-            rnd, stopped = run(o, cfg, splits, random_backbone(learned), di, True)
-            results["random_init"] = rnd
-        if not di.is_main or stopped != "done":
-            return LinearEvalResult({}, None, stopped)
-        results = {**results, **_context(o, profile, cfg, splits, learned)}
-        results["seconds"] = time.perf_counter() - t0
-        path = o.out / "results.json"
-        write_results(path, results)
-        return LinearEvalResult(results, path, stopped)
+        with lock_on_main(o.out, di.is_main):
+            return _evaluate(o, profile, cfg, splits, learned, di)
     finally:
         dist.shutdown()
+
+
+def _evaluate(
+    o: LinearEvalOptions,
+    profile: str,
+    cfg: LinearConfig,
+    splits: Splits,
+    learned: Backbone,
+    di: dist.DistInfo,
+) -> LinearEvalResult:
+    if di.is_main:
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        checkpoint.atomic_write(o.out / "config.yaml", lambda t: Path(t).write_text(text))
+    log.info(
+        f"linear-eval ({o.protocol}) of {learned.arch} on {splits.train_source} "
+        f"({len(splits.train)} images) / {splits.val_source} ({len(splits.val)}), "
+        f"{splits.num_classes} classes → {o.out} ({di.world_size} process(es), {di.device.type})"
+    )
+    run = _standard if o.protocol == "standard" else _cached
+    t0 = time.perf_counter()
+    results, stopped = run(o, cfg, splits, learned, di, False)
+    if stopped == "done" and o.compare_random:
+        rnd, stopped = run(o, cfg, splits, random_backbone(learned), di, True)
+        results["random_init"] = rnd
+    if not di.is_main or stopped != "done":
+        return LinearEvalResult({}, None, stopped)
+    results = {**results, **_context(o, profile, cfg, splits, learned)}
+    results["seconds"] = time.perf_counter() - t0
+    path = o.out / "results.json"
+    write_results(path, results)
+    return LinearEvalResult(results, path, stopped)

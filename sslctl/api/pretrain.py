@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sslctl import UserError, checkpoint, config, dist, log
+from sslctl import UserError, config, dist, log, rundir
 from sslctl.backbones import infer_arch
 from sslctl.config import Config
 from sslctl.convert.weights import read_backbone
-from sslctl.engine.fit import FitRequest, FitResult, fit
+from sslctl.engine.fit import Diverged, FitRequest, FitResult, fit
+
+__all__ = ["Diverged", "PretrainResult", "pretrain"]
 
 
 @dataclass(frozen=True)
@@ -24,22 +26,46 @@ class PretrainResult:
     fit: FitResult
 
 
-def check_run_dir(out: Path, fresh: bool) -> None:
-    """Create the run directory and prove it is writable; --fresh refuses to overwrite a run."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory"
-        ) from None
-    if fresh and checkpoint.list_checkpoints(out / "checkpoints"):
-        raise UserError(
-            f"--out {out} already holds checkpoints and --fresh refuses to overwrite them; "
-            "choose another --out or drop --fresh to resume"
+def prepare_run_dir(
+    out: Path, cfg: Config, request: rundir.ResumeRequest, di: dist.DistInfo
+) -> tuple[rundir.DirLock | None, rundir.ResumePlan]:
+    """Rank 0 locks the run directory and decides where training starts; every rank gets the
+    same plan, or the same one-line refusal (no rank is left waiting for another)."""
+    lock: rundir.DirLock | None = None
+    plan: rundir.ResumePlan | None = None
+    error = ""
+    if di.is_main:
+        try:
+            rundir.check_writable(out)
+            lock = rundir.DirLock(out)
+            plan = rundir.plan_resume(out, request, cfg.to_dict())
+        except UserError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+                lock = None
+    error, plan = dist.broadcast_object((error, plan))  # type: ignore[misc]
+    if error or plan is None:
+        raise UserError(error or "the run directory could not be prepared on rank 0")
+    return lock, plan
+
+
+def recorded_config(cfg: Config, data: Path | None, root: Path) -> Config:
+    """The configuration exactly as it will run: ``data.root`` resolved (``bundled`` stays the
+    name of the built-in set), and the kNN monitor off when it would score the bundled digits
+    while training on the user's --data."""
+    bundled = data is None and cfg.data.root == "bundled"
+    cfg = cfg.replace(
+        data=dataclasses.replace(cfg.data, root="bundled" if bundled else str(root.resolve()))
+    )
+    e = cfg.eval
+    if data is not None and e.knn_every > 0 and "bundled" in (e.knn_train, e.knn_val):
+        log.info(
+            "kNN monitor off: eval.knn_train/knn_val name the bundled digits, not your --data; "
+            "turn it on for your data with --set eval.knn_train=DIR --set eval.knn_val=DIR"
         )
+        cfg = cfg.replace(eval=dataclasses.replace(e, knn_every=0))
+    return cfg
 
 
 def resolve_data(cfg: Config, data: Path | None) -> Path:
@@ -118,15 +144,23 @@ def pretrain(
     resume: str = "auto",
     fresh: bool = False,
     max_steps: int | None = None,
+    rewind: bool = False,
+    allow_changes: bool = False,
 ) -> PretrainResult:
+    """``resume``: auto (the run's newest verified checkpoint), none, or a checkpoint path;
+    ``fresh``/``rewind`` move the run's checkpoints aside first (see sslctl.rundir)."""
     cfg = config.load(profile, sets or [])
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")
-    check_run_dir(out, fresh)
+    request = rundir.ResumeRequest(resume, fresh, rewind, allow_changes)
+    rundir.check_request(request)
     root = resolve_data(cfg, data)
+    cfg = recorded_config(cfg, data, root)
     init = read_init_weights(cfg)
     di = dist.init()
+    lock: rundir.DirLock | None = None
     try:
+        lock, plan = prepare_run_dir(out, cfg, request, di)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -138,9 +172,19 @@ def pretrain(
             f"{cfg.train.batch_size * cfg.train.accumulate * di.world_size} per step)"
         )
         req = FitRequest(
-            cfg, out, loader, "none" if fresh else resume, max_steps, init, knn_monitor(cfg, di)
+            cfg,
+            out,
+            loader,
+            str(plan.checkpoint) if plan.checkpoint is not None else "none",
+            max_steps,
+            init,
+            knn_monitor(cfg, di),
+            changes=plan.changes,
+            data_root=str(root.resolve()),
         )
         result = fit(req, di)
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()
     return PretrainResult(out, cfg, result)

@@ -10,15 +10,19 @@ from typing import Annotated
 import typer
 
 from sslctl import api
-from sslctl.cli.common import out_console, user_errors
+from sslctl.cli.common import err_console, out_console, user_errors
 
 HELP = (
-    "Pre-train a backbone with a profile (Triplet or BYOL). Resumes from the newest verified "
-    "checkpoint in --out unless --fresh. Exit code 0 when done or stopped by --max-steps, "
-    "3 when stopped by a signal after checkpointing (rerun the same command to resume)."
+    "Pre-train a backbone with a profile (Triplet or BYOL). Continues the run in --out from its "
+    "newest verified checkpoint; refuses surprises (older checkpoints, changed settings, "
+    "nothing that verifies) unless told --fresh, --rewind or --allow-changes. Exit codes: 0 done "
+    "(or stopped by --max-steps, or nothing left to do), 2 a mistake to fix (one line), 3 stopped "
+    "by a signal after checkpointing (rerun the same command to resume), 4 training diverged "
+    "(the newest finite checkpoint is kept and named)."
 )
 
 EXIT_PREEMPTED = 3
+EXIT_DIVERGED = 4
 
 
 @user_errors
@@ -37,10 +41,30 @@ def command(
         typer.Option("--set", help="override a config key: --set optim.lr=2.4 (repeatable)"),
     ] = None,
     resume: Annotated[
-        str, typer.Option(help="auto (newest verified in --out), none, or a checkpoint path")
+        str,
+        typer.Option(
+            help="auto (the newest verified checkpoint in --out), none (from scratch), or a "
+            "checkpoint path; one that is not --out's newest needs --rewind"
+        ),
     ] = "auto",
     fresh: Annotated[
-        bool, typer.Option(help="start from scratch; refuse if --out already holds checkpoints")
+        bool,
+        typer.Option(
+            help="start over: move --out's checkpoints and metrics.jsonl to --out/superseded/<time>/ first"
+        ),
+    ] = False,
+    rewind: Annotated[
+        bool,
+        typer.Option(
+            help="continue from an older --resume PATH: move --out's checkpoints and metrics.jsonl "
+            "to --out/superseded/<time>/ first"
+        ),
+    ] = False,
+    allow_changes: Annotated[
+        bool,
+        typer.Option(
+            help="resume even though settings differ from the run's (recorded in metrics.jsonl and status.json)"
+        ),
     ] = False,
     max_steps: Annotated[
         int | None, typer.Option(help="stop (and checkpoint) after N optimizer steps")
@@ -53,12 +77,21 @@ def command(
         from sslctl.cli.launch import relaunch_with_torchrun
 
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
-    res = api.pretrain(profile, out, data, set_ or [], resume, fresh, max_steps)
+    try:
+        res = api.pretrain(
+            profile, out, data, set_ or [], resume, fresh, max_steps, rewind, allow_changes
+        )
+    except api.Diverged as e:
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(EXIT_DIVERGED) from None
     f = res.fit
     if int(os.environ.get("RANK", "0")) == 0:
-        out_console.print(
-            f"pretrain {f.stopped}: step {f.step}, epoch {f.epoch}, loss {f.last_loss:.4f}, "
-            f"{f.images_per_s:.1f} img/s; checkpoint {f.checkpoint}"
-        )
+        if f.stopped == "complete":
+            out_console.print(f"pretrain complete: step {f.step}; checkpoint {f.checkpoint}")
+        else:
+            out_console.print(
+                f"pretrain {f.stopped}: step {f.step}, epoch {f.epoch}, loss {f.last_loss:.4f}, "
+                f"{f.images_per_s:.1f} img/s; checkpoint {f.checkpoint}"
+            )
     if f.stopped == "signal":
         raise typer.Exit(EXIT_PREEMPTED)

@@ -55,13 +55,26 @@ def _is_ours(path: Path) -> bool:
 
 
 def read_backbone(path: Path, part: str = "online", trust_pickle: bool = False) -> BackboneWeights:
-    """The backbone in ``path``; ``trust_pickle`` allows full unpickling (runs code in the file)."""
+    """The backbone in ``path``; ``trust_pickle`` allows full unpickling (runs code in the file).
+
+    Every command that reads weights (extract, knn-eval, linear-eval, eval-reid,
+    convert-detectron, init.weights) comes through here, so the two checks live here: a
+    checkpoint file named explicitly must match its manifest, and no weight may be NaN or ±inf.
+    """
+    w = _read(path, part, trust_pickle)
+    checkpoint.check_finite(w.state, w.meta.get("source", str(path)))
+    return w
+
+
+def _read(path: Path, part: str, trust_pickle: bool) -> BackboneWeights:
     if part not in PARTS:
         raise UserError(f"--part must be one of {', '.join(PARTS)}, got '{part}'")
     if not path.exists() and not (path.name == "last" and path.parent.is_dir()):
         raise UserError(f"{path}: no such file or directory")
     if _is_ours(path):
         ck = checkpoint.resolve(path)
+        if path.is_file():  # a directory or …/last resolved to a checkpoint that verified
+            checkpoint.verify_explicit(ck.weights)
         state, meta = checkpoint.load_safetensors(ck.weights, prefix=f"{part}.backbone.")
         if not state:
             raise UserError(f"{ck.weights}: no '{part}.backbone.*' tensors inside")

@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,10 @@ class TrainingHalted(UserError):
     """The run stopped itself for a reason the user must look at (non-finite loss, disk full)."""
 
 
+class Diverged(TrainingHalted):
+    """Training went non-finite: nothing was saved from it (the CLI exits with code 4)."""
+
+
 @dataclass(frozen=True)
 class FitRequest:
     cfg: Config
@@ -73,13 +77,17 @@ class FitRequest:
     init_backbone: dict[str, torch.Tensor] | None = None  # init.weights, read by the caller
     # Periodic evaluation (eval.knn_every epochs), given the online backbone; called on every rank.
     monitor: Callable[[nn.Module], dict[str, float]] | None = None
+    # Settings that differ from the resumed checkpoint's (accepted with --allow-changes):
+    # key -> [old, new], recorded in metrics.jsonl and status.json.
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+    data_root: str = ""  # the resolved data directory, recorded in config.yaml and status.json
 
 
 @dataclass(frozen=True)
 class FitResult:
     step: int
     epoch: int
-    stopped: str  # done | max_steps | signal
+    stopped: str  # done | max_steps | signal | complete (nothing was left to do)
     checkpoint: Path | None
     last_loss: float
     images_per_s: float
@@ -156,6 +164,7 @@ class Trainer:
         self.lr = lr_schedule(cfg, self.steps_per_epoch)
         self.mom = TargetMomentum(cfg.method.base_momentum, self.total_steps)
         self.pos = Position()
+        self.saved: Path | None = None  # the newest checkpoint of this run (restored or written)
         self.nonfinite = 0
         self._unscaled = False  # GradScaler.unscale_ already ran for this step (in _agree)
         self._overflow: bool | None = None  # this step's fp16 overflow, when known on the host
@@ -208,40 +217,65 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
         }
 
-    def save(self) -> Path:
-        """Rank 0 writes, every rank learns whether it worked (the all-reduce is also the barrier).
+    def save(self) -> Path | None:
+        """Checkpoint the current step; returns its weights path (None: the step was skipped).
 
-        A failed write stops every rank cleanly with the previous checkpoint intact.
+        Rank 0 writes, every rank learns whether it worked (the all-reduce is also the barrier).
+        A failed write stops every rank cleanly with the previous checkpoint intact; non-finite
+        weights stop it as diverged, and a step whose loss was not finite is not saved at all, so
+        pruning never removes a good checkpoint in favour of a bad one.
         """
-        error = ""
+        if self.nonfinite:
+            log.warn(f"step {self.pos.step} is not checkpointed: its loss was not finite")
+            return None
+        error, bad = "", ""
         if self.di.is_main:
+            tensors = self.method.state_tensors()
+            bad = checkpoint.nonfinite_summary(tensors)
             try:
-                checkpoint.save(
-                    self.ckpt_dir,
-                    self.pos.step,
-                    self.method.state_tensors(),
-                    self.meta(),
-                    self.train_state(),
-                )
-                every = self.cfg.ckpt.every_epochs
-                checkpoint.prune(
-                    self.ckpt_dir,
-                    self.cfg.ckpt.keep_last,
-                    lambda m: (
-                        m.get("position") == 0 and every > 0 and m.get("epoch", 0) % every == 0
-                    ),
-                )
+                if not bad:
+                    self._write_checkpoint(tensors)
             except OSError as e:
                 error = f"{e.strerror or e}"
-        if dist.any_rank(bool(error)):
+        failed = dist.all_reduce_max(
+            torch.tensor([float(bool(error)), float(bool(bad))], device=self.di.device)
+        ).tolist()
+        if failed[1]:
+            raise Diverged(
+                f"training diverged at step {self.pos.step}: the weights contain "
+                f"{bad or 'non-finite values'}; nothing was saved from it — "
+                f"{self._newest_finite()}"
+            )
+        if failed[0]:
             raise TrainingHalted(
                 f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); the previous "
                 "checkpoint is intact — free space or fix the directory, then rerun to resume"
             )
-        return checkpoint.CkptPaths.of(self.ckpt_dir, self.pos.step).weights
+        self.saved = checkpoint.CkptPaths.of(self.ckpt_dir, self.pos.step).weights
+        return self.saved
+
+    def _write_checkpoint(self, tensors: dict[str, torch.Tensor]) -> None:
+        checkpoint.save(self.ckpt_dir, self.pos.step, tensors, self.meta(), self.train_state())
+        every = self.cfg.ckpt.every_epochs
+        checkpoint.prune(
+            self.ckpt_dir,
+            self.cfg.ckpt.keep_last,
+            lambda m: m.get("position") == 0 and every > 0 and m.get("epoch", 0) % every == 0,
+        )
+
+    def _newest_finite(self) -> str:
+        """Where a diverged run can continue from (every checkpoint written is finite)."""
+        ck = checkpoint.newest_valid(self.ckpt_dir) if self.di.is_main else None
+        if ck is None:
+            return "no checkpoint was written before it; start again with a lower optim.lr"
+        return (
+            f"the newest finite checkpoint is {ck.weights} (step {ck.step}); continue from it "
+            "with a lower optim.lr and --allow-changes, or use train.precision=bf16/fp32"
+        )
 
     def load(self, ck: checkpoint.CkptPaths) -> None:
         tensors, meta = checkpoint.load_safetensors(ck.weights)
+        checkpoint.check_finite(tensors, str(ck.weights))
         self._check_same_network(ck, meta)
         try:
             self.method.load_state_tensors({k: v.to(self.di.device) for k, v in tensors.items()})
@@ -297,10 +331,17 @@ class Trainer:
             )
 
     def restore(self) -> checkpoint.CkptPaths | None:
+        ck = self._find_checkpoint()
+        if ck is not None:
+            self.load(ck)
+            self.saved = ck.weights
+            log.info(f"resumed from {ck.weights} (step {self.pos.step}, epoch {self.pos.epoch})")
+        if self.di.is_main:  # records past the checkpoint belong to work that was lost
+            log.truncate_jsonl(self.metrics_path, self.pos.step)
+        return ck
+
+    def _find_checkpoint(self) -> checkpoint.CkptPaths | None:
         r = self.req.resume
-        if self.di.is_main and self.ckpt_dir.is_dir():
-            for tmp in checkpoint.iter_tmp(self.ckpt_dir):  # left by a process killed mid-write
-                tmp.unlink(missing_ok=True)
         if r == "none":
             return None
         if r == "auto":
@@ -310,11 +351,6 @@ class Trainer:
             )
         else:
             ck = checkpoint.resolve(Path(r))
-        if ck is not None:
-            self.load(ck)
-            log.info(f"resumed from {ck.weights} (step {self.pos.step}, epoch {self.pos.epoch})")
-            if self.di.is_main:  # records past the checkpoint belong to work that was lost
-                log.truncate_jsonl(self.metrics_path, self.pos.step)
         return ck
 
     # ----------------------------------------------------------------- training
@@ -436,10 +472,9 @@ class Trainer:
             f"non-finite {what} at step {self.pos.step} ({self.nonfinite} in a row): step skipped"
         )
         if self.nonfinite >= self.cfg.train.max_nonfinite:
-            raise TrainingHalted(
-                f"training was non-finite for {self.nonfinite} steps in a row (last: {what}, "
-                f"step {self.pos.step}); the last good checkpoint is kept — lower optim.lr or "
-                "use train.precision=bf16/fp32"
+            raise Diverged(
+                f"training diverged: non-finite for {self.nonfinite} steps in a row (last: {what}, "
+                f"step {self.pos.step}); nothing was saved from them — {self._newest_finite()}"
             )
 
     def _epoch(self, stop_at: int, bar: Any, task: Any, flag: StopFlag) -> str | None:
@@ -487,39 +522,69 @@ class Trainer:
 
     def run(self) -> FitResult:
         self.restore()
-        self.metrics = log.MetricsWriter(self.metrics_path)
-        if self.di.is_main:
-            (self.req.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         stop_at = (
             self.total_steps
             if not self.req.max_steps
             else min(self.total_steps, self.req.max_steps)
         )
         self.last_loss, self.rate = float("nan"), 0.0
+        if self.pos.step >= stop_at:
+            log.info(f"{self.req.run_dir} is complete at step {self.pos.step} (nothing to do)")
+            return self._result("complete")
+        self.metrics = log.MetricsWriter(self.metrics_path)
+        self._record_start()
         self.method.train()
         reason: str | None = None
-        saved: Path | None = None
-        with StopFlag() as flag, log.make_progress("pretrain") as bar:
-            task = bar.add_task("pretrain", total=stop_at, completed=self.pos.step, stats="")
-            while self.pos.step < stop_at and reason is None:
-                reason = self._epoch(stop_at, bar, task, flag)
-                if reason is None and self.pos.batch == 0:  # an epoch ended
-                    saved = self.save()
-                    self._monitor()
-            if reason is not None or saved is None or self._saved_step(saved) != self.pos.step:
-                saved = self.save()
+        try:
+            with StopFlag() as flag, log.make_progress("pretrain") as bar:
+                task = bar.add_task("pretrain", total=stop_at, completed=self.pos.step, stats="")
+                while self.pos.step < stop_at and reason is None:
+                    reason = self._epoch(stop_at, bar, task, flag)
+                    if reason is None and self.pos.batch == 0:  # an epoch ended
+                        self.save()
+                        self._monitor()
+                if self.saved is None or self._saved_step(self.saved) != self.pos.step:
+                    self.save()
+        except Diverged:
+            self.metrics.close()
+            self._write_status("diverged")
+            raise
         self.metrics.close()
         stopped = "done" if self.pos.step >= self.total_steps else (reason or "max_steps")
-        self._write_status(stopped, saved)
+        self._write_status(stopped)
+        return self._result(stopped)
+
+    def _result(self, stopped: str) -> FitResult:
         return FitResult(
             self.pos.step,
             self.pos.epoch,
             stopped,
-            saved,
+            self.saved,
             self.last_loss,
             self.rate,
-            self.req.run_dir / "metrics.jsonl",
+            self.metrics_path,
         )
+
+    def _record_start(self) -> None:
+        """config.yaml says exactly what runs (resolved data root, sslctl version); settings
+        changed with --allow-changes are recorded in metrics.jsonl at the step they apply from."""
+        if self.req.changes:
+            self.metrics.write(
+                {"step": self.pos.step, "event": "config_changed", "changes": self.req.changes}
+            )
+            listed = ", ".join(f"{k} {a} → {b}" for k, (a, b) in self.req.changes.items())
+            log.warn(f"continuing step {self.pos.step} with changed settings: {listed}")
+        if not self.di.is_main:
+            return
+        header = (
+            f"# sslctl {__version__}: the configuration this run ran with (the last start: "
+            f"step {self.pos.step})\n# data: {self.req.data_root or self.cfg.data.root}\n"
+        )
+
+        def write(tmp: str) -> None:
+            Path(tmp).write_text(header + to_yaml(self.cfg), encoding="utf-8")
+
+        checkpoint.atomic_write(self.req.run_dir / "config.yaml", write)
 
     def _monitor(self) -> None:
         every = self.cfg.eval.knn_every
@@ -529,16 +594,24 @@ class Trainer:
         self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, **res})
         log.info(f"epoch {self.pos.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
 
-    def _write_status(self, stopped: str, saved: Path | None) -> None:
+    def _write_status(self, stopped: str) -> None:
         """RUN/status.json: what a wrapper script (Slurm requeue) reads to decide what to do."""
         if not self.di.is_main:
             return
-        status = {
+        saved = self.saved
+        if stopped == "diverged":
+            newest = checkpoint.newest_valid(self.ckpt_dir)
+            saved = newest.weights if newest is not None else None
+        status: dict[str, Any] = {
             "stopped": stopped,
             "step": self.pos.step,
             "epoch": self.pos.epoch,
-            "checkpoint": str(saved),
+            "checkpoint": str(saved) if saved is not None else None,
+            "data_root": self.req.data_root or self.cfg.data.root,
+            "sslctl_version": __version__,
         }
+        if self.req.changes:
+            status["changes"] = self.req.changes
 
         def write(tmp: str) -> None:
             Path(tmp).write_text(json.dumps(status) + "\n")

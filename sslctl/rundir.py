@@ -1,0 +1,353 @@
+"""Run and output directories: one owner at a time, and never a lost verified checkpoint.
+
+The promise (README "What sslctl promises about your run directory"): a verified checkpoint is
+never deleted or overwritten, except by ``ckpt.keep_last`` pruning of older steps of the same run.
+Everything here runs on rank 0 with the directory's lock held:
+
+- ``DirLock``: ``fcntl.flock`` on ``DIR/.lock`` for the life of the process (the kernel releases
+  it when the process dies, however it dies); a second process is refused at once.
+- ``plan_resume``: which checkpoint ``pretrain`` continues from, refusing every surprise (an
+  older ``--resume PATH``, ``--resume none`` beside checkpoints, nothing that verifies, changed
+  settings) with one line that names the way forward.
+- ``supersede``: what ``--fresh`` and ``--rewind`` do first — move the run's checkpoints,
+  metrics and status to ``RUN/superseded/<timestamp>/``. Nothing is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from sslctl import UserError, checkpoint, dist, log
+
+LOCK_NAME = ".lock"
+SUPERSEDED = "superseded"
+# What --fresh/--rewind move aside: everything that describes the superseded lineage.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "status.json", "config.yaml")
+
+
+def check_writable(out: Path, refuse_checkpoints: bool = False) -> None:
+    """Create ``out`` and prove it is writable; ``refuse_checkpoints``: refuse a directory that
+    already holds checkpoints (linear-eval --fresh)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f"{checkpoint.TMP_PREFIX}write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory"
+        ) from None
+    if refuse_checkpoints and checkpoint.list_checkpoints(out / "checkpoints"):
+        raise UserError(
+            f"--out {out} already holds checkpoints and --fresh refuses to overwrite them; "
+            "choose another --out or drop --fresh to resume"
+        )
+
+
+class DirLock:
+    """An exclusive lock on ``directory`` (created if missing), held until ``release``/exit.
+
+    The lock file holds who owns it (pid, host, start time) so that the refusal can say so.
+    """
+
+    def __init__(self, directory: Path, what: str = "--out"):
+        self.directory = directory
+        self._fh: IO[str] | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fh = open(directory / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+        except OSError as e:
+            raise UserError(
+                f"{what} {directory}: cannot write there ({e.strerror or e}); choose a writable directory"
+            ) from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = _owner(fh.read())
+            fh.close()
+            raise UserError(
+                f"{directory} is in use by {owner}; wait for that process to finish (or stop it), "
+                "or choose another directory"
+            ) from None
+        except OSError as e:  # a filesystem without locks: say so rather than run unprotected
+            fh.close()
+            raise UserError(
+                f"{what} {directory}: cannot lock it ({e.strerror or e}); use a local or "
+                "lock-capable filesystem for run directories"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                }
+            )
+            + "\n"
+        )
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the flock
+            self._fh = None
+
+    def __enter__(self) -> DirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_on_main(directory: Path, is_main: bool) -> contextlib.AbstractContextManager[Any]:
+    """The output directory's lock, taken by rank 0 (a no-op elsewhere); a refusal is raised on
+    every rank alike, so no rank waits for one that has left."""
+    lock: DirLock | None = None
+    error = ""
+    if is_main:
+        try:
+            lock = DirLock(directory)
+        except UserError as e:
+            error = str(e)
+    error = str(dist.broadcast_object(error))
+    if error:
+        raise UserError(error)
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def _owner(text: str) -> str:
+    try:
+        o = json.loads(text)
+        return f"pid {o['pid']} on host {o['host']} since {o['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def supersede(run: Path) -> Path | None:
+    """Move the run's checkpoints, metrics.jsonl, status.json and config.yaml to
+    ``RUN/superseded/<timestamp>/``; the destination, or None when there was nothing to move."""
+    present = [run / n for n in RUN_FILES if (run / n).exists()]
+    if not present:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = run / SUPERSEDED / stamp
+    n = 1
+    while dest.exists():
+        dest = run / SUPERSEDED / f"{stamp}-{n}"
+        n += 1
+    dest.mkdir(parents=True)
+    for p in present:
+        os.replace(p, dest / p.name)  # a rename within RUN: atomic, nothing copied or lost
+    log.info(f"moved the previous {', '.join(p.name for p in present)} to {dest} (nothing deleted)")
+    return dest
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """What the user asked for: ``resume`` is auto | none | a checkpoint path."""
+
+    resume: str = "auto"
+    fresh: bool = False
+    rewind: bool = False
+    allow_changes: bool = False
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What pretrain will do: continue from ``checkpoint`` (None: from scratch)."""
+
+    checkpoint: Path | None
+    changes: dict[str, list[Any]] = field(default_factory=dict)  # key: [old, new]
+    moved_to: Path | None = None
+
+
+def check_request(req: ResumeRequest) -> None:
+    """Contradictory flags, refused before anything is touched."""
+    explicit = req.resume not in ("auto", "none")
+    if req.fresh and req.rewind:
+        raise UserError(
+            "--fresh (start over) and --rewind (continue from --resume PATH) exclude each other; give one"
+        )
+    if req.fresh and explicit:
+        raise UserError(
+            f"--fresh starts over, but --resume {req.resume} continues from a checkpoint; "
+            "use --rewind to continue from it instead"
+        )
+    if req.rewind and not explicit:
+        raise UserError("--rewind continues from an older checkpoint: name it with --resume PATH")
+
+
+def plan_resume(run: Path, req: ResumeRequest, config: dict[str, Any]) -> ResumePlan:
+    """Decide where ``pretrain`` starts; rank 0, with the run's lock held. ``config`` is the
+    run's new resolved configuration (``Config.to_dict()``)."""
+    ckdir = run / "checkpoints"
+    for d in (run, ckdir):
+        checkpoint.remove_stale_temps(d)  # the lock is ours: no live writer owns them
+    found = checkpoint.list_checkpoints(ckdir)
+    newest = checkpoint.newest_valid(
+        ckdir, lambda c, why: log.warn(f"skipping checkpoint {c.weights.name}: {why}")
+    )
+    if req.fresh:
+        return ResumePlan(None, moved_to=supersede(run))
+    if req.resume == "none":
+        if found:
+            raise UserError(
+                f"{run} already holds checkpoints ({_steps(found, newest)}) and --resume none would "
+                f"start a second run beside them; add --fresh to move them to {run / SUPERSEDED}/ "
+                "and start over, or drop --resume none to continue the run"
+            )
+        return ResumePlan(None)
+    if req.resume == "auto":
+        if newest is None:
+            if found:
+                raise UserError(_none_verify(run, found))
+            return ResumePlan(None)
+        return _continue(run, newest, config, req)
+    return _explicit(run, req, config, found, newest)
+
+
+def _explicit(
+    run: Path,
+    req: ResumeRequest,
+    config: dict[str, Any],
+    found: list[checkpoint.CkptPaths],
+    newest: checkpoint.CkptPaths | None,
+) -> ResumePlan:
+    """--resume PATH: the run's own newest checkpoint, any checkpoint into an empty run, or
+    (with --rewind, after moving the run's checkpoints aside) anything else."""
+    ck = checkpoint.resolve(Path(req.resume))
+    ok, why = checkpoint.verify(ck)
+    if not ok:
+        raise UserError(
+            f"--resume {ck.weights}: it does not verify ({why}); pick one that does "
+            f"(`sslctl checkpoints {ck.weights.parent}` lists them)"
+        )
+    ckdir = run / "checkpoints"
+    inside = ck.weights.parent.resolve() == ckdir.resolve()
+    if not found or (inside and newest is not None and ck.step == newest.step):
+        return _continue(run, ck, config, req)
+    if not req.rewind:
+        what = (
+            f"step {ck.step} is older than this run's newest"
+            if inside and newest is not None and ck.step < newest.step
+            else "it is not this run's newest checkpoint"
+        )
+        raise UserError(
+            f"--resume {ck.weights}: {what} ({_steps(found, newest)} in {ckdir}); add --rewind to "
+            f"continue from it (the run's checkpoints and metrics.jsonl move to {run / SUPERSEDED}/ "
+            "first), or drop --resume to continue from the newest"
+        )
+    history = _read_history(run / "metrics.jsonl", ck.step) if inside else []
+    moved = supersede(run)
+    if inside and moved is not None:
+        ck = checkpoint.CkptPaths.of(moved / "checkpoints", ck.step)
+    if history:
+        _write_history(run / "metrics.jsonl", history)
+    plan = _continue(run, ck, config, req)
+    return ResumePlan(plan.checkpoint, plan.changes, moved)
+
+
+def _continue(
+    run: Path, ck: checkpoint.CkptPaths, config: dict[str, Any], req: ResumeRequest
+) -> ResumePlan:
+    meta = checkpoint.read_metadata(ck.weights)
+    changes = config_changes(meta.get("config", ""), config)
+    if changes and not req.allow_changes:
+        listed = ", ".join(f"{k} {_show(a)} → {_show(b)}" for k, (a, b) in changes.items())
+        raise UserError(
+            f"{run} was started with other settings ({listed}); rerun with its settings to "
+            "continue, add --allow-changes to continue with the new ones (recorded in "
+            "metrics.jsonl and status.json), or --fresh to start over"
+        )
+    return ResumePlan(ck.weights, changes)
+
+
+def config_changes(saved_json: str, new: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every key whose value differs between a checkpoint's config and the new one. Continuing
+    a run longer (a larger ``train.epochs``) is not a change; neither is the description."""
+    try:
+        old = json.loads(saved_json) if saved_json else {}
+    except ValueError:
+        old = {}
+    if not isinstance(old, dict) or not old:
+        return {}  # a checkpoint without a readable config: the weights check still guards
+    a, b = _flat(old), _flat(new)
+    out: dict[str, list[Any]] = {}
+    for k in sorted(set(a) | set(b)):
+        if k == "description" or a.get(k) == b.get(k):
+            continue
+        if k == "train.epochs" and isinstance(a.get(k), int) and b.get(k, 0) > a[k]:
+            continue
+        if k not in a and k in b and _is_default(k, b[k]):
+            continue  # a key added by a newer sslctl, at its default: nothing changed
+        out[k] = [a.get(k), b.get(k)]
+    return out
+
+
+def _is_default(key: str, value: Any) -> bool:
+    from sslctl.config import Config
+
+    return bool(_flat(Config().to_dict()).get(key, object()) == value)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _show(v: Any) -> str:
+    return "(unset)" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+def _steps(found: list[checkpoint.CkptPaths], newest: checkpoint.CkptPaths | None) -> str:
+    if newest is None:
+        return f"{len(found)} checkpoint(s), none verified"
+    return f"newest verified: step {newest.step}"
+
+
+def _none_verify(run: Path, found: list[checkpoint.CkptPaths]) -> str:
+    steps = ", ".join(str(c.step) for c in found[-5:])
+    last = found[-1]
+    _, why = checkpoint.verify(last)
+    return (
+        f"{run / 'checkpoints'} holds {len(found)} checkpoint(s) (steps {steps}) but none "
+        f"verifies (step {last.step}: {why}); nothing was changed — inspect them with "
+        f"`sslctl checkpoints {run}`, or start over with --fresh (moves them to {run / SUPERSEDED}/)"
+    )
+
+
+def _read_history(path: Path, upto: int) -> list[str]:
+    """metrics.jsonl lines of steps ≤ ``upto``: the history a rewound run continues."""
+    if not path.is_file():
+        return []
+    keep = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError, TypeError):
+                if int(json.loads(line).get("step", 0)) <= upto:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
+
+
+def _write_history(path: Path, lines: list[str]) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text("".join(lines), encoding="utf-8")
+
+    checkpoint.atomic_write(path, write)

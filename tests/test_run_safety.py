@@ -1,0 +1,359 @@
+"""The run directory's promise, through the real CLI in subprocesses: a verified checkpoint is
+never deleted or overwritten except by keep_last pruning of older steps of the same run.
+
+Each test snapshots the verified checkpoints first and proves afterwards that every one of them
+is still present (in the run or under RUN/superseded/) and still verifies, and that
+metrics.jsonl has neither gaps nor duplicate steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslctl import checkpoint, config, rundir
+from sslctl.api.pretrain import recorded_config
+from sslctl.log import read_jsonl
+from tests.fault_helpers import ROOT, env, make_images, run_cli, sslctl_cmd, write_profile
+
+# 48 images, batch 12: 4 steps per epoch, 3 epochs; a checkpoint every step, 2 kept (+ epochs)
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    data = make_images(root / "data")
+    prof = write_profile(root / "tiny.yaml")
+    done = root / "done"  # one finished run, copied by the tests that need one
+    r = run_cli(*_args(prof, data, done))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {"root": root, "data": data, "prof": prof, "done": done}
+
+
+def _args(prof: Path, data: Path, out: Path, *more: str) -> list[str]:
+    return ["pretrain", "--profile", str(prof), "--data", str(data), "--out", str(out), *more]
+
+
+def _copy_done(base, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(base["done"], run, ignore=shutil.ignore_patterns(rundir.LOCK_NAME))
+    return run
+
+
+def _verified(run: Path) -> dict[int, bytes]:
+    """step -> manifest bytes of every verified checkpoint in the run's checkpoints/."""
+    out = {}
+    for c in checkpoint.list_checkpoints(run / "checkpoints"):
+        if checkpoint.verify(c)[0]:
+            out[c.step] = c.manifest.read_bytes()
+    return out
+
+
+def _all_kept(run: Path, before: dict[int, bytes]) -> None:
+    """Every checkpoint verified before is still verified, in the run or under superseded/."""
+    places = [run / "checkpoints", *sorted((run / rundir.SUPERSEDED).glob("*/checkpoints"))]
+    for step, manifest in before.items():
+        found = [
+            c
+            for d in places
+            for c in [checkpoint.CkptPaths.of(d, step)]
+            if c.manifest.is_file() and c.manifest.read_bytes() == manifest
+        ]
+        assert found, f"step {step} lost"
+        assert checkpoint.verify(found[0]) == (True, "ok"), step
+
+
+def _train_steps(path: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(path) if "loss" in r]
+
+
+def _no_gaps(path: Path, upto: int) -> None:
+    assert _train_steps(path) == list(range(1, upto + 1))
+
+
+def _one_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    flat = " ".join(r.stderr.split())
+    lines = [ln for ln in flat.split("error:")[1:]]
+    assert len(lines) == 1, r.stderr
+    for f in fragments:
+        assert " ".join(f.split()) in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------- 1. divergence
+def test_diverging_run_keeps_the_newest_finite_checkpoint_and_exits_4(base, tmp_path):
+    run = tmp_path / "run"
+    prof, data = base["prof"], base["data"]
+    keep = ("--set", "ckpt.keep_last=50")  # no pruning: every checkpoint must survive
+    assert run_cli(*_args(prof, data, run, "--max-steps", "3"), *keep).returncode == 0
+    before = _verified(run)
+    r = run_cli(
+        *_args(prof, data, run, "--allow-changes"), *keep,
+        "--set", "optim.lr=1e9", "--set", "train.max_nonfinite=2",
+    )  # fmt: skip
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    flat = " ".join(r.stderr.split())
+    assert "training diverged" in flat and "nothing was saved from" in flat
+    _all_kept(run, before)
+    newest = checkpoint.newest_valid(run / "checkpoints")
+    for c in checkpoint.list_checkpoints(run / "checkpoints"):
+        tensors, _ = checkpoint.load_safetensors(c.weights)
+        assert all(torch.isfinite(t).all() for t in tensors.values()), c.step
+    assert f"newest finite checkpoint is {newest.weights}".replace(" ", "") in flat.replace(" ", "")
+    status = json.loads((run / "status.json").read_text())
+    assert status["stopped"] == "diverged" and status["checkpoint"] == str(newest.weights)
+
+
+# ----------------------------------------------------------------- 2. older resume / none
+def test_resume_none_or_older_path_is_refused_then_rewind_moves_aside(base, tmp_path):
+    run = _copy_done(base, tmp_path)
+    prof, data = base["prof"], base["data"]
+    before = _verified(run)
+    oldest = checkpoint.CkptPaths.of(run / "checkpoints", min(before))
+    r = run_cli(*_args(prof, data, run, "--resume", "none"))
+    _one_error(r, "--resume none would start a second run", "--fresh")
+    r = run_cli(*_args(prof, data, run, "--resume", str(oldest.weights)))
+    _one_error(r, f"step {oldest.step} is older than this run's newest", "--rewind")
+    assert _verified(run) == before  # nothing changed by a refusal
+    r = run_cli(*_args(prof, data, run, "--resume", str(oldest.weights), "--rewind"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(nothing deleted)" in r.stderr
+    _all_kept(run, before)
+    moved = sorted((run / rundir.SUPERSEDED).iterdir())
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").is_file()
+    status = json.loads((run / "status.json").read_text())
+    assert Path(status["checkpoint"]).is_file() and status["step"] == STEPS
+    _no_gaps(run / "metrics.jsonl", STEPS)  # history up to the rewind point, then the new steps
+    # the rewound lineage prunes only its own steps
+    assert max(_verified(run)) == STEPS and min(_verified(run)) > oldest.step
+
+
+def test_fresh_moves_the_run_aside_and_starts_over(base, tmp_path):
+    run = _copy_done(base, tmp_path)
+    before = _verified(run)
+    r = run_cli(*_args(base["prof"], base["data"], run, "--fresh", "--max-steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _all_kept(run, before)
+    assert sorted(_verified(run)) == [1, 2]
+    _no_gaps(run / "metrics.jsonl", 2)
+
+
+def test_contradictory_flags_are_refused(base, tmp_path):
+    run = tmp_path / "run"
+    for flags, said in (
+        (["--fresh", "--rewind", "--resume", "x"], "exclude each other"),
+        (["--fresh", "--resume", "x"], "use --rewind"),
+        (["--rewind"], "name it with --resume PATH"),
+    ):
+        _one_error(run_cli(*_args(base["prof"], base["data"], run, *flags)), said)
+    assert not run.exists()
+
+
+# ----------------------------------------------------------------- 3. complete run: nothing to do
+def test_rerunning_a_finished_run_does_nothing(base, tmp_path):
+    run = _copy_done(base, tmp_path)
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    r = run_cli(*_args(base["prof"], base["data"], run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{run} is complete at step {STEPS} (nothing to do)" in " ".join(r.stderr.split())
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    after.pop(run / rundir.LOCK_NAME)
+    assert after == files
+
+
+# ----------------------------------------------------------------- 4. nothing verifies
+def test_no_verified_checkpoint_is_refused_and_kept(base, tmp_path):
+    run = _copy_done(base, tmp_path)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for m in (run / "checkpoints").glob("*.json"):
+        m.unlink()
+    r = run_cli(*_args(base["prof"], base["data"], run))
+    _one_error(r, "but none verifies", f"sslctl checkpoints {run}", "--fresh")
+    left = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert left == [n for n in names if not n.endswith(".json")]
+    r = run_cli(*_args(base["prof"], base["data"], run, "--fresh", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (moved,) = (run / rundir.SUPERSEDED).iterdir()
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == left
+
+
+# ----------------------------------------------------------------- 5. the lock
+def test_second_process_on_a_run_directory_is_refused_at_once(base, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        sslctl_cmd(*_args(base["prof"], base["data"], run), "--set", "train.epochs=50"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        r = run_cli(*_args(base["prof"], base["data"], run), "--set", "train.epochs=50")
+        _one_error(r, f"{run} is in use by pid {proc.pid} on host", "since")
+        assert time.monotonic() - t0 < 60
+        steps_before = _train_steps(run / "metrics.jsonl")
+    finally:
+        proc.kill()
+        proc.wait()
+    # the kernel released the killed owner's lock: the run resumes, its metrics continuous
+    more = ("--max-steps", str(len(steps_before) + 2), "--set", "train.epochs=50")
+    r = run_cli(*_args(base["prof"], base["data"], run, *more))
+    assert r.returncode == 0, r.stderr[-3000:]
+    newest = checkpoint.newest_valid(run / "checkpoints")
+    _no_gaps(run / "metrics.jsonl", newest.step)
+
+
+@pytest.mark.parametrize("command", ["linear-eval", "eval-reid", "knn-eval"])
+def test_evaluation_output_directories_are_locked(base, tmp_path, command):
+    out = tmp_path / "out"
+    weights = checkpoint.resolve(base["done"]).weights
+    labelled = tmp_path / "labelled"
+    for split in ("train", "val"):
+        make_images(labelled / split, n=24)
+    with rundir.DirLock(out):
+        r = run_cli(command, str(weights), "--data", str(labelled), "--out", str(out))
+        _one_error(r, f"{out} is in use by pid {os.getpid()} on host")
+
+
+# ----------------------------------------------------------------- 6. temporaries
+def test_stale_temporaries_are_removed_at_start(base, tmp_path):
+    run = _copy_done(base, tmp_path)
+    stale = [
+        run / "checkpoints" / f"{checkpoint.TMP_PREFIX}step_00000013.safetensors.x1",
+        run / f"{checkpoint.TMP_PREFIX}status.json.x2",
+    ]
+    for p in stale:
+        p.write_bytes(b"\0" * (5 << 20))
+    r = run_cli(*_args(base["prof"], base["data"], run, "--set", "train.epochs=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(p.exists() for p in stale)
+    _no_gaps(run / "metrics.jsonl", STEPS + 4)  # train.epochs grew: continuing, not a change
+
+
+# ----------------------------------------------------------------- 7. explicit resume path
+def test_resume_path_that_does_not_verify_is_refused(base, tmp_path):
+    run = _copy_done(base, tmp_path)
+    newest = checkpoint.newest_valid(run / "checkpoints")
+    data = bytearray(newest.weights.read_bytes())
+    data[-5] ^= 0x01
+    newest.weights.write_bytes(bytes(data))
+    other = tmp_path / "other"
+    r = run_cli(*_args(base["prof"], base["data"], other, "--resume", str(newest.weights)))
+    _one_error(r, f"--resume {newest.weights}: it does not verify", "does not match its sha256")
+
+
+# ----------------------------------------------------------------- 10. changed settings
+def test_changed_settings_are_refused_unless_allowed(base, tmp_path):
+    run = tmp_path / "run"
+    prof, data = base["prof"], base["data"]
+    assert run_cli(*_args(prof, data, run, "--max-steps", "2")).returncode == 0
+    other = make_images(tmp_path / "other", n=48)
+    r = run_cli(*_args(prof, other, run, "--max-steps", "3"), "--set", "optim.lr=0.1")
+    _one_error(
+        r,
+        "was started with other settings",
+        f"data.root '{data.resolve()}' → '{other.resolve()}'",
+        "optim.lr 0.5 → 0.1",
+        "--allow-changes",
+    )
+    r = run_cli(
+        *_args(prof, data, run, "--max-steps", "3", "--allow-changes"), "--set", "optim.lr=0.1"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_jsonl(run / "metrics.jsonl")
+    (event,) = [x for x in recs if x.get("event") == "config_changed"]
+    assert event["step"] == 2 and event["changes"] == {"optim.lr": [0.5, 0.1]}
+    status = json.loads((run / "status.json").read_text())
+    assert status["changes"] == {"optim.lr": [0.5, 0.1]}
+    _no_gaps(run / "metrics.jsonl", 3)
+    # --max-steps is not a setting; the run continues unchanged with the new lr recorded
+    r = run_cli(*_args(prof, data, run, "--max-steps", "4"), "--set", "optim.lr=0.1")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------- 11. config.yaml
+def test_config_yaml_records_what_ran(base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base["data"], tmp_path / "rel" / "train")
+    r = subprocess.run(
+        sslctl_cmd(*_args(base["prof"], Path("rel/train"), run, "--max-steps", "1")),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (run / "config.yaml").read_text()
+    from sslctl import __version__
+
+    assert text.startswith(f"# sslctl {__version__}:")
+    saved = config.load(str(run / "config.yaml"))
+    assert saved.data.root == str((tmp_path / "rel" / "train").resolve())
+    status = json.loads((run / "status.json").read_text())
+    assert status["sslctl_version"] == __version__
+    assert status["data_root"] == saved.data.root
+
+
+# ----------------------------------------------------------------- 12. demo kNN monitor
+def test_demo_knn_monitor_is_off_with_user_data(tmp_path, capsys):
+    cfg = config.load("demo-cpu")
+    assert cfg.eval.knn_every > 0 and cfg.eval.knn_train == "bundled"
+    data = make_images(tmp_path / "d", n=6)
+    mine = recorded_config(cfg, data, data)
+    assert mine.eval.knn_every == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "kNN monitor off" in said and "--set eval.knn_train=DIR" in said
+    from sslctl.data.bundled import bundled_root
+
+    assert recorded_config(cfg, None, bundled_root() / "train").eval.knn_every == cfg.eval.knn_every
+
+
+def test_kill9_then_rerun_leaves_no_temporaries_and_a_continuous_history(base, tmp_path):
+    """A process killed at any moment (here: while a checkpoint is being written) loses no
+    verified checkpoint; the rerun cleans its temporaries and continues the metrics."""
+    run = tmp_path / "run"
+    args = _args(base["prof"], base["data"], run)
+    for _ in range(3):
+        before = _verified(run) if run.is_dir() else {}
+        proc = subprocess.Popen(
+            sslctl_cmd(*args), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        ckdir = run / "checkpoints"
+        deadline = time.monotonic() + 300
+        seen = len(before)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ckdir.is_dir() and any(ckdir.glob(f"{checkpoint.TMP_PREFIX}*")) and seen >= 0:
+                break
+            time.sleep(0.0005)
+        proc.kill()
+        proc.wait()
+        newest = checkpoint.newest_valid(ckdir)
+        kept = {s: m for s, m in before.items() if newest is None or s >= newest.step - 2}
+        _all_kept(run, kept)  # pruning may drop steps older than keep_last (+ epoch ends)
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(run.rglob(f"{checkpoint.TMP_PREFIX}*"))
+    _no_gaps(run / "metrics.jsonl", STEPS)
+
+
+if sys.platform != "linux":  # flock and FIFOs as tested here are Linux behaviour
+    pytestmark = pytest.mark.skip("Linux only")
