@@ -1,4 +1,4 @@
-from sslctl.cli.app import main
+from sslctl.entry import main
 
 if __name__ == "__main__":
     main()

@@ -75,6 +75,10 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
+    """Rank 0; before ``init`` under torchrun, the process torchrun made rank 0 (so that what is
+    printed while starting up is printed once)."""
+    if not is_dist() and launched_by_torchrun():
+        return os.environ.get("RANK") == "0"
     return rank() == 0
 
 

@@ -20,6 +20,7 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,12 +252,25 @@ def _explicit(
         )
     history = _read_history(run / "metrics.jsonl", ck.step) if inside else []
     moved = supersede(run)
-    if inside and moved is not None:
-        ck = checkpoint.CkptPaths.of(moved / "checkpoints", ck.step)
+    if inside and moved is not None:  # the rewound run starts from its own copy of the point
+        ck = _link_back(checkpoint.CkptPaths.of(moved / "checkpoints", ck.step), ckdir)
     if history:
         _write_history(run / "metrics.jsonl", history)
     plan = _continue(run, ck, config, req)
     return ResumePlan(plan.checkpoint, plan.changes, moved)
+
+
+def _link_back(src: checkpoint.CkptPaths, ckdir: Path) -> checkpoint.CkptPaths:
+    """Hard links (a copy where links are not allowed) of ``src`` in ``ckdir``, manifest last:
+    a rerun after a stop before the first new step still continues from the rewind point."""
+    dst = checkpoint.CkptPaths.of(ckdir, src.step)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src.weights, dst.weights), (src.state, dst.state), (src.manifest, dst.manifest)):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    return dst
 
 
 def _continue(

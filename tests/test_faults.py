@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import random
 import signal
 import subprocess
@@ -76,8 +77,12 @@ def test_kill9_at_random_moments_then_resume_matches(setup, tmp_path):
     args = ["pretrain", "--profile", str(prof), "--data", str(data), "--out", str(run)]
     killed = 0
     for i in range(KILLS):
+        # A finished run, rerun, does nothing (nothing to kill): start it over, which moves the
+        # finished one to RUN/superseded/ — and keeps the kills coming at every phase of a run.
+        status = run / "status.json"
+        over = status.is_file() and json.loads(status.read_text())["stopped"] == "done"
         proc = subprocess.Popen(
-            sslctl_cmd(*args),
+            sslctl_cmd(*args, *(["--fresh"] if over else [])),
             cwd=ROOT,
             env=env(),
             stdout=subprocess.DEVNULL,

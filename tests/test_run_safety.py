@@ -136,8 +136,9 @@ def test_resume_none_or_older_path_is_refused_then_rewind_moves_aside(base, tmp_
     status = json.loads((run / "status.json").read_text())
     assert Path(status["checkpoint"]).is_file() and status["step"] == STEPS
     _no_gaps(run / "metrics.jsonl", STEPS)  # history up to the rewind point, then the new steps
-    # the rewound lineage prunes only its own steps
-    assert max(_verified(run)) == STEPS and min(_verified(run)) > oldest.step
+    # the rewound lineage starts from its own (linked) copy of the rewind point, an epoch end
+    # kept for good here, and prunes only its own steps
+    assert max(_verified(run)) == STEPS and min(_verified(run)) == oldest.step
 
 
 def test_fresh_moves_the_run_aside_and_starts_over(base, tmp_path):
@@ -313,17 +314,23 @@ def test_config_yaml_records_what_ran(base, tmp_path):
 
 
 # ----------------------------------------------------------------- 12. demo kNN monitor
-def test_demo_knn_monitor_is_off_with_user_data(tmp_path, capsys):
+def test_demo_knn_monitor_is_off_with_user_data(tmp_path):
     cfg = config.load("demo-cpu")
-    assert cfg.eval.knn_every > 0 and cfg.eval.knn_train == "bundled"
-    data = make_images(tmp_path / "d", n=6)
-    mine = recorded_config(cfg, data, data)
-    assert mine.eval.knn_every == 0
-    said = " ".join(capsys.readouterr().err.split())
-    assert "kNN monitor off" in said and "--set eval.knn_train=DIR" in said
+    assert cfg.eval.knn_every == 2 and cfg.eval.knn_train == "bundled"
+    data = make_images(tmp_path / "d", n=24, size=36)
+    run = tmp_path / "run"
+    # two epochs of 2 steps: the monitor would score the bundled digits at the second end
+    r = run_cli(*_args(Path("demo-cpu"), data, run), "--set", "train.batch_size=12",
+                "--max-steps", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = " ".join(r.stderr.split())
+    assert said.count("kNN monitor off") == 1 and "--set eval.knn_train=DIR" in said
+    assert not [x for x in read_jsonl(run / "metrics.jsonl") if "knn_top1" in x]
+    assert config.load(str(run / "config.yaml")).eval.knn_every == 0
     from sslctl.data.bundled import bundled_root
 
-    assert recorded_config(cfg, None, bundled_root() / "train").eval.knn_every == cfg.eval.knn_every
+    kept = recorded_config(cfg, None, bundled_root() / "train")  # bundled data: the monitor stays
+    assert kept.eval.knn_every == cfg.eval.knn_every and kept.data.root == "bundled"
 
 
 def test_kill9_then_rerun_leaves_no_temporaries_and_a_continuous_history(base, tmp_path):

@@ -15,6 +15,7 @@ from sslctl.backbones import infer_arch
 from sslctl.config import Config
 from sslctl.convert.weights import read_backbone
 from sslctl.engine.fit import Diverged, FitRequest, FitResult, fit
+from sslctl.engine.preempt import StopFlag
 
 __all__ = ["Diverged", "PretrainResult", "pretrain"]
 
@@ -160,31 +161,45 @@ def pretrain(
     di = dist.init()
     lock: rundir.DirLock | None = None
     try:
-        lock, plan = prepare_run_dir(out, cfg, request, di)
-        torch.manual_seed(cfg.train.seed)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        loader = build_loader(cfg, root, di)
-        log.info(
-            f"pretrain [bold]{cfg.method.name}[/] {cfg.model.arch} on {root} → {out} "
-            f"({di.world_size} process(es), {di.device.type}, batch {cfg.train.batch_size}×"
-            f"{cfg.train.accumulate}×{di.world_size} = "
-            f"{cfg.train.batch_size * cfg.train.accumulate * di.world_size} per step)"
-        )
-        req = FitRequest(
-            cfg,
-            out,
-            loader,
-            str(plan.checkpoint) if plan.checkpoint is not None else "none",
-            max_steps,
-            init,
-            knn_monitor(cfg, di),
-            changes=plan.changes,
-            data_root=str(root.resolve()),
-        )
-        result = fit(req, di)
+        with StopFlag() as stop:  # a signal during the data scan stops cleanly too
+            lock, plan = prepare_run_dir(out, cfg, request, di)
+            req = fit_request(cfg, out, root, plan, max_steps, init, di)
+            result = fit(dataclasses.replace(req, stop=stop), di)
     finally:
         if lock is not None:
             lock.release()
         dist.shutdown()
     return PretrainResult(out, cfg, result)
+
+
+def fit_request(
+    cfg: Config,
+    out: Path,
+    root: Path,
+    plan: rundir.ResumePlan,
+    max_steps: int | None,
+    init: dict[str, torch.Tensor] | None,
+    di: dist.DistInfo,
+) -> FitRequest:
+    """Seed, build the data loader (the long part: the scan) and describe the run to fit()."""
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    loader = build_loader(cfg, root, di)
+    log.info(
+        f"pretrain [bold]{cfg.method.name}[/] {cfg.model.arch} on {root} → {out} "
+        f"({di.world_size} process(es), {di.device.type}, batch {cfg.train.batch_size}×"
+        f"{cfg.train.accumulate}×{di.world_size} = "
+        f"{cfg.train.batch_size * cfg.train.accumulate * di.world_size} per step)"
+    )
+    return FitRequest(
+        cfg,
+        out,
+        loader,
+        str(plan.checkpoint) if plan.checkpoint is not None else "none",
+        max_steps,
+        init,
+        knn_monitor(cfg, di),
+        changes=plan.changes,
+        data_root=str(root.resolve()),
+    )

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from sslctl import UserError
+from sslctl import UserError, entry
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -21,18 +21,20 @@ EXIT_USER_ERROR = 2
 
 
 def user_errors(fn: F) -> F:
-    """Turn UserError (and a few OS errors a user causes) into one line on stderr + exit 2."""
+    """Turn UserError (and a few OS errors a user causes) into one line on stderr + exit 2, and
+    Ctrl-C (KeyboardInterrupt) into the line ``received SIGINT: stopped`` + exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            entry.command_started()
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/]")
-            raise typer.Exit(130) from None
+            err_console.print(entry.STOPPED_MESSAGE, markup=False)
+            raise typer.Exit(entry.EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+from typing import Any
 
 from sslctl import UserError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # as sslctl.engine.preempt
 
 FLAG = "--nproc-per-node"
 
@@ -46,7 +51,16 @@ def relaunch_with_torchrun(nproc: int, argv: list[str], module: str = "sslctl") 
         raise UserError(f"{FLAG} must be ≥ 1, got {nproc}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         raise UserError(f"{FLAG} given inside a torchrun worker: drop the flag or the torchrun")
+    # torchrun runs in its own session and every stop signal this process gets is passed on
+    # once: a SIGTERM to the whole process group (Slurm, `timeout`) or a Ctrl-C reaches torchrun
+    # exactly once, which forwards it to the workers, which checkpoint before they exit.
+    proc = subprocess.Popen(torchrun_command(nproc, argv, module), start_new_session=True)
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            old[sig] = signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
     try:
-        return subprocess.run(torchrun_command(nproc, argv, module), check=False).returncode
-    except KeyboardInterrupt:  # torchrun forwards the signal to its workers and exits
-        return 130
+        return proc.wait()
+    finally:
+        for num, handler in old.items():
+            signal.signal(num, handler)

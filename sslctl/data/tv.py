@@ -12,11 +12,19 @@ and worker count or scheduling cannot change them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import multiprocessing
+import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +33,13 @@ from PIL import Image, ImageFilter, ImageOps
 from rich.markup import escape
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torchvision import transforms as T
 
 from sslctl import UserError
 from sslctl.data.readers import DecodeError, Sample, load_rgb
 from sslctl.data.views import EvalSpec, ViewSpec
+from sslctl.engine.preempt import STOP_SIGNALS
 from sslctl.log import console
 
 _PIL_RESAMPLE = {
@@ -42,6 +52,86 @@ _TV_INTERP = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "bicubic": T.InterpolationMode.BICUBIC,
 }
+
+
+def ignore_stop_signals(
+    worker_id: int, then: Callable[[int], None] | None = None, owner: int | None = None
+) -> None:
+    """``worker_init_fn`` of every sslctl DataLoader: a worker leaves stopping to its owner.
+
+    Slurm, ``timeout`` and ``kill -TERM -- -PGID`` signal every process of the job, workers
+    included. torch's worker SIGTERM handler would exit the worker, and the main process would
+    then fail with "DataLoader worker … killed by signal" (from its SIGCHLD handler, at any
+    point) instead of checkpointing; a forked worker would also run the main process's stop
+    handler for SIGINT/SIGUSR1. So a worker ignores SIGINT and SIGUSR1, and SIGTERM unless it
+    comes from ``owner`` (the process that iterates the loader) or its parent: torch and
+    multiprocessing end workers that way (a stuck worker at shutdown; every daemonic child at
+    interpreter exit, which would otherwise wait for ever). A worker whose owner dies exits by
+    itself (torch watches the parent). Replaces torch's C SIGTERM handler, installed before
+    this runs. ``then`` is the caller's own worker_init_fn, run afterwards.
+    """
+    others = [s for s in STOP_SIGNALS if s != signal.SIGTERM]
+    for s in others:
+        signal.signal(s, signal.SIG_IGN)  # also drops one that came while they were blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
+    if hasattr(signal, "sigwaitinfo"):  # Linux (elsewhere torch's handler keeps SIGTERM)
+        # SIGTERM stays blocked in this thread and in every thread it starts, so only the
+        # watcher takes it, and learns its sender (which a signal handler cannot).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops one that came before
+        threading.Thread(
+            target=_exit_on_sigterm_from, args=(owner,), name="sslctl-sigterm", daemon=True
+        ).start()
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    if then is not None:
+        then(worker_id)
+
+
+def _exit_on_sigterm_from(owner: int | None) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid in (owner, os.getppid()):
+            os._exit(0)  # as torch's own handler does for its parent's SIGTERM
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Stop signals wait (blocked, not lost) in this thread; delivered when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes leave stopping to the main process.
+
+    Every worker runs ``ignore_stop_signals`` before the caller's ``worker_init_fn``, and the
+    workers are started with the stop signals blocked: a signal that comes between a worker's
+    fork and its init function waits and is then dropped there (or taken by its SIGTERM
+    watcher), while the main process gets it as soon as the workers are started. A
+    "forkserver" server started here keeps them blocked for its whole life, so the process the
+    workers are forked from survives the signal too.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, worker_init_fn: Callable[[int], None] | None = None, **kw: Any
+    ):
+        init = functools.partial(ignore_stop_signals, then=worker_init_fn, owner=os.getpid())
+        super().__init__(dataset, worker_init_fn=init, **kw)
+
+    def __iter__(self) -> _BaseDataLoaderIter:
+        if self.num_workers == 0:
+            return super().__iter__()
+        ctx = self.multiprocessing_context or multiprocessing
+        if ctx.get_start_method() != "fork":
+            # Started lazily, the resource tracker would unblock SIGINT/SIGTERM in this thread
+            # (CPython's ensure_running) before a forkserver is spawned: start it first.
+            resource_tracker.ensure_running()
+        with _stop_signals_held():
+            return super().__iter__()
 
 
 # ColorJitter draws: the order of (brightness, contrast, saturation, hue), then the four factors
@@ -328,7 +418,7 @@ class PretrainLoader:
             )
         self.substituted = 0  # unreadable images replaced so far, seen by this rank
         self._keys = _KeyList()
-        self._loader = DataLoader(
+        self._loader = WorkerLoader(
             _Keyed(self.dataset),
             batch_size=batch_size,
             sampler=self._keys,

@@ -81,6 +81,7 @@ class FitRequest:
     # key -> [old, new], recorded in metrics.jsonl and status.json.
     changes: dict[str, list[Any]] = field(default_factory=dict)
     data_root: str = ""  # the resolved data directory, recorded in config.yaml and status.json
+    stop: StopFlag | None = None  # the caller's entered stop flag (None: fit enters its own)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,8 @@ class Trainer:
         if self.nonfinite:
             log.warn(f"step {self.pos.step} is not checkpointed: its loss was not finite")
             return None
+        if self.saved is not None and self._saved_step(self.saved) == self.pos.step:
+            return self.saved  # an epoch end on a ckpt.every_steps step: saved already
         error, bad = "", ""
         if self.di.is_main:
             tensors = self.method.state_tensors()
@@ -521,6 +524,15 @@ class Trainer:
         return None
 
     def run(self) -> FitResult:
+        """Train until done, ``max_steps`` or an agreed stop signal. Signals are caught from the
+        start (``req.stop``, entered by the caller before its data scan, or here) to the final
+        status.json, so a SIGTERM at any moment ends in the same clean stop (exit 3)."""
+        if self.req.stop is not None:
+            return self._run(self.req.stop)
+        with StopFlag() as flag:
+            return self._run(flag)
+
+    def _run(self, flag: StopFlag) -> FitResult:
         self.restore()
         stop_at = (
             self.total_steps
@@ -531,17 +543,23 @@ class Trainer:
         if self.pos.step >= stop_at:
             log.info(f"{self.req.run_dir} is complete at step {self.pos.step} (nothing to do)")
             return self._result("complete")
+        if flag.agreed():  # stopped while starting: the restored checkpoint is the last one
+            self._write_status("signal")
+            return self._result("signal")
         self.metrics = log.MetricsWriter(self.metrics_path)
         self._record_start()
         self.method.train()
         reason: str | None = None
         try:
-            with StopFlag() as flag, log.make_progress("pretrain") as bar:
+            with log.make_progress("pretrain") as bar:
                 task = bar.add_task("pretrain", total=stop_at, completed=self.pos.step, stats="")
                 while self.pos.step < stop_at and reason is None:
                     reason = self._epoch(stop_at, bar, task, flag)
                     if reason is None and self.pos.batch == 0:  # an epoch ended
                         self.save()
+                        if flag.agreed():  # no monitor pass past a stop signal's grace period
+                            reason = "signal"
+                            break
                         self._monitor()
                 if self.saved is None or self._saved_step(self.saved) != self.pos.step:
                     self.save()

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslctl import UserError, dist, log
+from sslctl.data.tv import WorkerLoader
 
 FUSIONS = ("sum", "legacy-triplet")
 PRECISIONS = ("bf16", "fp32")
@@ -210,7 +211,7 @@ def extract_features_and_labels(
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]
     bounds = shard_range(n, dist.rank(), dist.world_size())
-    loader = DataLoader(
+    loader = WorkerLoader(
         Subset(dataset, range(*bounds)),
         batch_size=batch_size,
         shuffle=False,

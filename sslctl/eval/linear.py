@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from sslctl import UserError, checkpoint, dist, log
 from sslctl.backbones import feature_dim
 from sslctl.config import CachedCfg, LinearConfig
-from sslctl.data.tv import EvalDataset
+from sslctl.data.tv import EvalDataset, WorkerLoader
 from sslctl.data.views import linear_train, linear_val
 from sslctl.engine.preempt import StopFlag
 from sslctl.engine.schedules import WarmupCosine
@@ -234,7 +234,7 @@ class StandardProbe:
         return self._loader(seeded, self.batch)
 
     def _loader(self, ds: Dataset, batch: int) -> DataLoader:
-        return DataLoader(
+        return WorkerLoader(
             ds,
             batch_size=batch,
             shuffle=False,
