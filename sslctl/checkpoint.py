@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
 from sslctl import UserError, log
 
@@ -102,7 +103,10 @@ def remove_stale_temps(directory: Path) -> int:
     when no live process can own one). Returns how many were removed."""
     n = 0
     if directory.is_dir():
-        for p in [*directory.glob(f"{TMP_PREFIX}*"), *directory.glob(".*.tmp")]:
+        # .*.tmp and .tmp*: what earlier sslctl builds (and safetensors' save_file inside
+        # them) left behind
+        old = [*directory.glob(".*.tmp"), *directory.glob(".tmp*")]
+        for p in [*directory.glob(f"{TMP_PREFIX}*"), *old]:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 p.unlink()
                 n += 1
@@ -117,10 +121,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Atomic safetensors write; tensors made contiguous (channels_last models included)."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Every byte sslctl writes into a checkpoint or safetensors file goes through here (one
+    open, one write: the serialised bytes are made in memory, so no library writes temporaries
+    of its own beside ours — safetensors' ``save_file`` would leave a ``.tmpXXXXXX`` on a kill)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """Serialised safetensors; tensors made contiguous (channels_last models included)."""
     flat = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(tensors).items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+    return safetensors_save(flat, metadata=meta)
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Atomic safetensors write."""
+    data = safetensors_bytes(tensors, meta)
+    atomic_write(path, lambda tmp: write_bytes(tmp, data))
 
 
 @dataclass(frozen=True)
@@ -157,19 +175,25 @@ def save(
     if verify(paths)[0]:
         return paths
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": str(step), **meta}
-    flat = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(tensors).items()}
+    w_bytes = safetensors_bytes(tensors, meta)
+    buf = io.BytesIO()
+    torch.save(train_state, buf)
+    s_bytes = buf.getvalue()
     temps: list[Path] = []
     try:
         w_tmp, s_tmp, m_tmp = (_temp_for(p) for p in (paths.weights, paths.state, paths.manifest))
         temps = [w_tmp, s_tmp, m_tmp]
-        _write_synced(lambda t: save_file(flat, t, metadata=meta), w_tmp)
-        _write_synced(lambda t: torch.save(train_state, t), s_tmp)
+        _write_synced(lambda t: write_bytes(t, w_bytes), w_tmp)
+        _write_synced(lambda t: write_bytes(t, s_bytes), s_tmp)
         manifest = {
             "format": FORMAT,
             "step": step,
             "epoch": train_state.get("epoch"),
             "position": train_state.get("batch_in_epoch"),
-            "files": {paths.weights.name: sha256_file(w_tmp), paths.state.name: sha256_file(s_tmp)},
+            "files": {  # the sums of the bytes meant, so the read-back catches a bad write
+                paths.weights.name: hashlib.sha256(w_bytes).hexdigest(),
+                paths.state.name: hashlib.sha256(s_bytes).hexdigest(),
+            },
         }
         _write_synced(lambda t: Path(t).write_text(json.dumps(manifest, indent=1)), m_tmp)
         ok, why = _verify_files(m_tmp, {paths.weights.name: w_tmp, paths.state.name: s_tmp})

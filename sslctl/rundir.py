@@ -39,7 +39,7 @@ def check_writable(out: Path, refuse_checkpoints: bool = False) -> None:
     already holds checkpoints (linear-eval --fresh)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{checkpoint.TMP_PREFIX}write-test-{os.getpid()}"
+        probe = out / f".sslctl-write-test-{os.getpid()}"  # not a temporary another run removes
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -122,6 +122,9 @@ def lock_on_main(directory: Path, is_main: bool) -> contextlib.AbstractContextMa
             lock = DirLock(directory)
         except UserError as e:
             error = str(e)
+    if lock is not None:  # ours now: temporaries left by a killed evaluation are stale
+        for d in [directory, *(p for p in directory.iterdir() if p.is_dir())]:
+            checkpoint.remove_stale_temps(d)
     error = str(dist.broadcast_object(error))
     if error:
         raise UserError(error)
@@ -250,14 +253,14 @@ def _explicit(
             f"continue from it (the run's checkpoints and metrics.jsonl move to {run / SUPERSEDED}/ "
             "first), or drop --resume to continue from the newest"
         )
+    plan = _continue(run, ck, config, req)  # settings refused before anything moves
     history = _read_history(run / "metrics.jsonl", ck.step) if inside else []
     moved = supersede(run)
     if inside and moved is not None:  # the rewound run starts from its own copy of the point
         ck = _link_back(checkpoint.CkptPaths.of(moved / "checkpoints", ck.step), ckdir)
     if history:
         _write_history(run / "metrics.jsonl", history)
-    plan = _continue(run, ck, config, req)
-    return ResumePlan(plan.checkpoint, plan.changes, moved)
+    return ResumePlan(ck.weights, plan.changes, moved)
 
 
 def _link_back(src: checkpoint.CkptPaths, ckdir: Path) -> checkpoint.CkptPaths:
@@ -277,7 +280,10 @@ def _continue(
     run: Path, ck: checkpoint.CkptPaths, config: dict[str, Any], req: ResumeRequest
 ) -> ResumePlan:
     meta = checkpoint.read_metadata(ck.weights)
-    changes = config_changes(meta.get("config", ""), config)
+    # Checkpoints of sslctl before the resolved data root was recorded (no "data_root" in their
+    # metadata) hold the profile's data.root and kNN monitor: those two cannot be compared.
+    legacy = () if "data_root" in meta else ("data.root", "eval.knn_every")
+    changes = config_changes(meta.get("config", ""), config, ignore=legacy)
     if changes and not req.allow_changes:
         listed = ", ".join(f"{k} {_show(a)} → {_show(b)}" for k, (a, b) in changes.items())
         raise UserError(
@@ -288,7 +294,9 @@ def _continue(
     return ResumePlan(ck.weights, changes)
 
 
-def config_changes(saved_json: str, new: dict[str, Any]) -> dict[str, list[Any]]:
+def config_changes(
+    saved_json: str, new: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> dict[str, list[Any]]:
     """Every key whose value differs between a checkpoint's config and the new one. Continuing
     a run longer (a larger ``train.epochs``) is not a change; neither is the description."""
     try:
@@ -300,7 +308,7 @@ def config_changes(saved_json: str, new: dict[str, Any]) -> dict[str, list[Any]]
     a, b = _flat(old), _flat(new)
     out: dict[str, list[Any]] = {}
     for k in sorted(set(a) | set(b)):
-        if k == "description" or a.get(k) == b.get(k):
+        if k == "description" or k in ignore or a.get(k) == b.get(k):
             continue
         if k == "train.epochs" and isinstance(a.get(k), int) and b.get(k, 0) > a[k]:
             continue

@@ -139,13 +139,15 @@ def test_kill9_during_save_leaves_existing_checkpoints_and_no_visible_part(tmp_p
         d = Path({str(tmp_path)!r})
         st = {{"step": 1, "epoch": 0, "batch_in_epoch": 0}}
         checkpoint.save(d, 1, {{"w": torch.ones(3)}}, {{}}, st)
-        real_file, real_torch = checkpoint.save_file, torch.save
-        def die(*a, **k):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if {during!r} == "weights":
-            checkpoint.save_file = lambda t, p, metadata=None: (real_file(t, p, metadata=metadata), die())
-        else:
-            torch.save = lambda obj, p: (real_torch(obj, p), die())
+        real = checkpoint.write_bytes
+        calls = []
+        def dying(path, data):  # the first call writes the weights, the second the state
+            calls.append(path)
+            real(path, data[: len(data) // 2])
+            if len(calls) == {1 if during == "weights" else 2}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path, data)
+        checkpoint.write_bytes = dying
         checkpoint.save(d, 2, {{"w": torch.zeros(3)}}, {{}}, {{**st, "step": 2}})
         """
     )
@@ -159,3 +161,29 @@ def test_kill9_during_save_leaves_existing_checkpoints_and_no_visible_part(tmp_p
                          checkpoint.CkptPaths.of(tmp_path, 1).state,
                          checkpoint.CkptPaths.of(tmp_path, 1).manifest)
     )  # fmt: skip
+
+
+def test_a_write_that_does_not_read_back_is_never_renamed_into_place(tmp_path, monkeypatch):
+    """The manifest holds the sums of the bytes meant; a file that reads back otherwise (a bad
+    disk, a lying filesystem) fails the save and leaves nothing under the step's names."""
+    _save(tmp_path, 1)
+    real = checkpoint.write_bytes
+
+    def flipping(path, data):
+        real(path, bytes([data[0] ^ 1]) + data[1:])
+
+    monkeypatch.setattr(checkpoint, "write_bytes", flipping)
+    with pytest.raises(OSError, match="did not read back"):
+        _save(tmp_path, 2)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [1]
+    assert checkpoint.verify(checkpoint.CkptPaths.of(tmp_path, 1)) == (True, "ok")
+    assert not list(tmp_path.glob(".sslctl-tmp.*"))
+
+
+def test_stale_temporaries_of_older_versions_are_removed_too(tmp_path):
+    for name in (".tmpab12cd", ".step_00000001.safetensors.x1y2.tmp", ".sslctl-tmp.step_1.z"):
+        (tmp_path / name).write_bytes(b"x")
+    keep = tmp_path / "notes.tmp"
+    keep.write_text("mine")
+    assert checkpoint.remove_stale_temps(tmp_path) == 3
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]

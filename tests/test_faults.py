@@ -211,7 +211,7 @@ def test_enospc_on_save_keeps_previous_and_stops_cleanly(tmp_path, monkeypatch):
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    monkeypatch.setattr(checkpoint, "write_bytes", no_space)
     from sslctl.engine.fit import TrainingHalted
 
     with pytest.raises(
@@ -232,7 +232,7 @@ def test_enospc_through_cli_is_one_line(tmp_path):
         "import errno, sys\n"
         "from sslctl import checkpoint\n"
         "def f(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "checkpoint.save_file = f\n"
+        "checkpoint.write_bytes = f\n"
         "from sslctl.cli.app import main\n"
         f"sys.argv = ['sslctl', 'pretrain', '--profile', {str(prof)!r}, '--data', {str(data)!r}, '--out', {str(run)!r}, '--max-steps', '1']\n"
         "main()\n"

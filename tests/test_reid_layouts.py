@@ -207,8 +207,10 @@ def test_strip_nproc_flag_and_torchrun_command():
     argv = ["eval-reid", "w.st", "--nproc-per-node", "4", "--out", "o", "--nproc-per-node=2"]
     assert strip_nproc_flag(argv) == ["eval-reid", "w.st", "--out", "o"]
     cmd = torchrun_command(4, argv)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                       "-m", "sslctl", "eval-reid", "w.st", "--out", "o"]  # fmt: skip
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    assert cmd[-6:] == ["-m", "sslctl", "eval-reid", "w.st", "--out", "o"]
+    flags = cmd[6:-6]  # torchrun passes Slurm's SIGUSR1 on too
+    assert flags[:2] == ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
 
 
 @pytest.mark.ddp

@@ -42,7 +42,11 @@ def prepare_run_dir(
             plan = rundir.plan_resume(out, request, cfg.to_dict())
         except UserError as e:
             error = str(e)
-            if lock is not None:
+        except Exception as e:  # e.g. an OSError moving files: every rank must hear of it
+            dist.broadcast_object((f"rank 0 failed: {type(e).__name__}: {e}", None))
+            raise
+        finally:
+            if error and lock is not None:
                 lock.release()
                 lock = None
     error, plan = dist.broadcast_object((error, plan))  # type: ignore[misc]

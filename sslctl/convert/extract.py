@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torchvision import models
 
@@ -165,7 +164,7 @@ def write(output: Path, bb: Backbone, fmt: str, meta: dict[str, str]) -> None:
 
     def _write(tmp: str) -> None:
         if fmt == "safetensors":
-            save_file(dict(bb.state), tmp, metadata=meta)
+            checkpoint.write_bytes(tmp, checkpoint.safetensors_bytes(dict(bb.state), meta))
             back, _ = checkpoint.load_safetensors(Path(tmp))
         else:
             torch.save(bb.state, tmp)

@@ -203,6 +203,7 @@ class Trainer:
             "config": c.to_json(),
             "epoch": str(self.pos.epoch),
             "sslctl_version": __version__,
+            "data_root": self.req.data_root,
         }
 
     def train_state(self) -> dict[str, Any]:
@@ -240,6 +241,8 @@ class Trainer:
                     self._write_checkpoint(tensors)
             except OSError as e:
                 error = f"{e.strerror or e}"
+            except Exception as e:  # noqa: BLE001 - a writer's own error type (disk full, …):
+                error = f"{type(e).__name__}: {last_line(e)}"  # told to every rank, not a hang
         failed = dist.all_reduce_max(
             torch.tensor([float(bool(error)), float(bool(bad))], device=self.di.device)
         ).tolist()
@@ -541,7 +544,12 @@ class Trainer:
         )
         self.last_loss, self.rate = float("nan"), 0.0
         if self.pos.step >= stop_at:
-            log.info(f"{self.req.run_dir} is complete at step {self.pos.step} (nothing to do)")
+            log.info(
+                f"{self.req.run_dir} is complete at step {self.pos.step} (nothing to do)"
+                if self.pos.step >= self.total_steps
+                else f"{self.req.run_dir} is at step {self.pos.step}, not before --max-steps "
+                f"{self.req.max_steps} (nothing to do)"
+            )
             return self._result("complete")
         if flag.agreed():  # stopped while starting: the restored checkpoint is the last one
             self._write_status("signal")
