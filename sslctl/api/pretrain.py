@@ -42,7 +42,10 @@ def prepare_run_dir(
             plan = rundir.plan_resume(out, request, cfg.to_dict())
         except UserError as e:
             error = str(e)
-        except Exception as e:  # e.g. an OSError moving files: every rank must hear of it
+        except OSError as e:  # cleaning, moving aside: permissions, a full or read-only disk
+            where = f" ({e.filename})" if e.filename else ""
+            error = f"--out {out}: {e.strerror or e}{where}; fix the directory, then rerun"
+        except Exception as e:  # a bug: told to every rank, then its traceback on rank 0
             dist.broadcast_object((f"rank 0 failed: {type(e).__name__}: {e}", None))
             raise
         finally:

@@ -99,8 +99,8 @@ def check_file(path: str) -> Check:
         if st.st_size == 0:
             return Check("zero-byte", reason="empty file")
         fh = open(path, "rb")  # noqa: SIM115 - closed below; open errors are "unreadable"
-    except OSError as e:
-        return Check("unreadable", reason=e.strerror or str(e))
+    except (OSError, ValueError) as e:  # ValueError: a name with a NUL byte
+        return Check("unreadable", reason=getattr(e, "strerror", None) or str(e))
     with fh:
         try:
             img = Image.open(fh)
@@ -177,7 +177,7 @@ def _stat(path: str) -> tuple[int, int]:
     """(size, mtime_ns), or (-1, -1) when the file cannot be stat'ed."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return -1, -1
     return st.st_size, st.st_mtime_ns
 

@@ -107,7 +107,7 @@ def _dir_key(path: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of a directory, the same whichever link leads to it; None if unreadable."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
 
@@ -266,8 +266,8 @@ def _openable(paths: list[str]) -> list[bool]:
 def _openable_path(path: str) -> bool:
     try:
         return not is_special_mode(os.stat(path).st_mode)
-    except OSError:
-        return True
+    except (OSError, ValueError):  # missing, or a name stat refuses (a NUL byte): the decoder
+        return True  # reports it as unreadable, as before
 
 
 def read_list_file(
@@ -364,8 +364,8 @@ def _refuse_special(path: str | os.PathLike[str]) -> None:
     decode ~ms)."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        return  # missing or unreadable: Image.open says why
+    except (OSError, ValueError):
+        return  # missing, unreadable or unnameable: Image.open says why
     if is_special_mode(mode):
         raise DecodeError(path, NOT_REGULAR)
 
