@@ -173,19 +173,22 @@ class StandardProbe:
         }
 
     def save(self) -> None:
-        """Rank 0 writes the head, optimizer and position; all ranks wait."""
+        """Rank 0 writes the head, optimizer and position; every rank learns whether it worked
+        (the agreement is also the barrier), so a failed write stops all of them in one line."""
+        error = ""
         if self.di.is_main:
             tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
             meta = {**self.meta, "epoch": str(self.pos.epoch), "config": self.cfg.to_json()}
             try:
                 checkpoint.save(self.ckpt_dir, self.pos.step, tensors, meta, self._train_state())
+                checkpoint.prune(self.ckpt_dir, KEEP_CHECKPOINTS, lambda m: False)
             except OSError as e:
-                raise UserError(
-                    f"cannot write a checkpoint in {self.ckpt_dir} ({e.strerror or e}); free "
-                    "space or choose another --out"
-                ) from None
-            checkpoint.prune(self.ckpt_dir, KEEP_CHECKPOINTS, lambda m: False)
-        dist.barrier()
+                error = f"{e.strerror or e}"
+        if dist.any_rank(bool(error)):
+            raise UserError(
+                f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); "
+                "free space or choose another --out"
+            )
 
     def restore(self) -> bool:
         """Continue from the newest verified checkpoint of this run, if any."""
