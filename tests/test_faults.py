@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import random
 import signal
 import subprocess
@@ -76,11 +75,13 @@ def test_kill9_at_random_moments_then_resume_matches(setup, tmp_path):
     rng = random.Random(1234)
     args = ["pretrain", "--profile", str(prof), "--data", str(data), "--out", str(run)]
     killed = 0
+    attempts: list[tuple[str, bool, int, int]] = []
+    total = checkpoint.newest_valid(base / "reference" / "checkpoints").step
     for i in range(KILLS):
         # A finished run, rerun, does nothing (nothing to kill): start it over, which moves the
         # finished one to RUN/superseded/ — and keeps the kills coming at every phase of a run.
-        status = run / "status.json"
-        over = status.is_file() and json.loads(status.read_text())["stopped"] == "done"
+        newest = checkpoint.newest_valid(run / "checkpoints")
+        over = newest is not None and newest.step == total
         proc = subprocess.Popen(
             sslctl_cmd(*args, *(["--fresh"] if over else [])),
             cwd=ROOT,
@@ -91,8 +92,9 @@ def test_kill9_at_random_moments_then_resume_matches(setup, tmp_path):
         mode = "write" if i % 2 else "time"
         _kill_when(proc, run, mode, rng.uniform(0.5, wall))
         killed += proc.returncode == -signal.SIGKILL
-        _check_disk(run)
-    assert killed >= KILLS // 2  # most attempts really interrupted a run
+        attempts.append((mode, over, proc.returncode, _check_disk(run)))
+    # most attempts really interrupted a run (mode, started over, exit code, resume step)
+    assert killed >= KILLS // 2, attempts
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(final_weights(run), reference)

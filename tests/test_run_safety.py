@@ -207,6 +207,17 @@ def test_rerunning_a_finished_run_does_nothing(base, tmp_path):
 
 
 # ----------------------------------------------------------------- 4. nothing verifies
+def test_a_stale_status_of_a_finished_run_is_repaired(base, tmp_path):
+    """Killed between its last checkpoint and its status write, a finished run's status.json
+    still says "signal" (a requeue loop for a wrapper): the rerun, with nothing to do, fixes it."""
+    run = _copy_done(base, tmp_path)
+    (run / "status.json").write_text('{"stopped": "signal", "step": 7}\n')
+    r = run_cli(*_args(base["prof"], base["data"], run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["stopped"] == "done" and status["step"] == STEPS
+
+
 def test_no_verified_checkpoint_is_refused_and_kept(base, tmp_path):
     run = _copy_done(base, tmp_path)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())

@@ -544,12 +544,14 @@ class Trainer:
         )
         self.last_loss, self.rate = float("nan"), 0.0
         if self.pos.step >= stop_at:
+            done = self.pos.step >= self.total_steps
             log.info(
                 f"{self.req.run_dir} is complete at step {self.pos.step} (nothing to do)"
-                if self.pos.step >= self.total_steps
+                if done
                 else f"{self.req.run_dir} is at step {self.pos.step}, not before --max-steps "
                 f"{self.req.max_steps} (nothing to do)"
             )
+            self._repair_status("done" if done else "max_steps")
             return self._result("complete")
         if flag.agreed():  # stopped while starting: the restored checkpoint is the last one
             self._write_status("signal")
@@ -619,6 +621,19 @@ class Trainer:
         res = self.req.monitor(self.method.online.encoder.backbone)
         self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, **res})
         log.info(f"epoch {self.pos.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+
+    def _repair_status(self, stopped: str) -> None:
+        """status.json of a run killed between its last checkpoint and its status write (a
+        wrapper would read a stale "signal" and requeue for ever); left alone when it is right."""
+        if not self.di.is_main:
+            return
+        try:
+            old = json.loads((self.req.run_dir / "status.json").read_text())
+            if old.get("stopped") == stopped and old.get("step") == self.pos.step:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._write_status(stopped)
 
     def _write_status(self, stopped: str) -> None:
         """RUN/status.json: what a wrapper script (Slurm requeue) reads to decide what to do."""
