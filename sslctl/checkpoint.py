@@ -210,21 +210,40 @@ def save(
     return paths
 
 
+def read_manifest(manifest_path: Path) -> dict[str, Any]:
+    """A manifest of the shape ``save`` writes, or ValueError saying what is wrong with it
+    (OSError when it cannot be read): valid JSON of another shape is malformed, not a crash."""
+    try:
+        m = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(m, dict):
+        raise ValueError("not a JSON object")
+    files = m.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise ValueError("'files' is not a mapping of file names to sha256 sums")
+    for key in ("step", "epoch", "position"):
+        v = m.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"'{key}' is not a non-negative integer")
+    return m
+
+
 def _listed(manifest_path: Path) -> dict[str, str]:
-    """A manifest's ``files`` mapping (name -> sha256); raises OSError/ValueError/KeyError/
-    TypeError when it cannot be read."""
-    files = json.loads(manifest_path.read_text())["files"]
-    if not isinstance(files, dict):
-        raise TypeError("files is not a mapping")
-    return files
+    """A manifest's ``files`` mapping (name -> sha256); raises OSError/ValueError."""
+    return read_manifest(manifest_path)["files"]
 
 
 def _verify_files(manifest_path: Path, files: dict[str, Path]) -> tuple[bool, str]:
     """(ok, reason): ``manifest_path`` parses and lists each name with the sha256 of its file."""
     try:
         listed = _listed(manifest_path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return False, f"unreadable manifest ({e.__class__.__name__})"
+    except OSError as e:
+        return False, f"unreadable manifest ({e.strerror or e.__class__.__name__})"
+    except ValueError as e:
+        return False, f"malformed manifest ({e})"
     for name, f in files.items():
         if name not in listed:
             return False, f"manifest does not list {name}"
@@ -342,7 +361,7 @@ def prune(
         if ok and verified < keep_last:
             keep.add(c.step)
             verified += 1
-        elif ok and permanent(json.loads(c.manifest.read_text())):
+        elif ok and permanent(read_manifest(c.manifest)):
             keep.add(c.step)
     if verified == 0:
         return []
@@ -380,10 +399,12 @@ def verify_explicit(weights: Path) -> None:
         return
     try:
         listed = _listed(paths.manifest)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except OSError as e:
         raise _unverified(
-            paths, f"{paths.manifest}: unreadable manifest ({e.__class__.__name__})"
+            paths, f"{paths.manifest}: unreadable manifest ({e.strerror or e.__class__.__name__})"
         ) from None
+    except ValueError as e:
+        raise _unverified(paths, f"{paths.manifest}: malformed manifest ({e})") from None
     for f in (paths.weights, paths.state):
         if f != weights and not f.is_file():
             continue  # e.g. a .safetensors copied out without its train state

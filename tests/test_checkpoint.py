@@ -187,3 +187,57 @@ def test_stale_temporaries_of_older_versions_are_removed_too(tmp_path):
     keep.write_text("mine")
     assert checkpoint.remove_stale_temps(tmp_path) == 3
     assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]
+
+
+@pytest.mark.parametrize(
+    "manifest, said",
+    [
+        ('{"files": null}', "'files' is not a mapping"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"files": {"a": 1}}', "'files' is not a mapping"),
+        ("EPOCH", "'epoch' is not a non-negative integer"),
+        ('{"files": ', "not JSON"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_unverified_not_a_crash(tmp_path, manifest, said):
+    """Valid JSON of another shape: 'malformed manifest (why)' everywhere it is read — verify,
+    resume's search, pruning and `sslctl checkpoints` — never a TypeError/AttributeError."""
+    from typer.testing import CliRunner
+
+    from sslctl.cli.app import app
+
+    good = _save(tmp_path / "checkpoints", 1, epoch=1)
+    bad = _save(tmp_path / "checkpoints", 2, epoch=1)
+    if manifest == "EPOCH":  # every sum right, the epoch a string: "1" % 2 would format
+        m = json.loads(bad.manifest.read_text())
+        manifest = json.dumps({**m, "epoch": "1"})
+    bad.manifest.write_text(manifest)
+    ok, why = checkpoint.verify(bad)
+    assert not ok and why.startswith(f"malformed manifest ({said}")
+    assert checkpoint.newest_valid(tmp_path / "checkpoints") == good
+    r = CliRunner().invoke(app, ["checkpoints", str(tmp_path)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "malformed manifest" in r.output
+    with pytest.raises(UserError, match="malformed manifest"):
+        checkpoint.verify_explicit(bad.weights)
+    # pruning reads manifests too: the unverified step goes, the verified one stays
+    assert checkpoint.prune(tmp_path / "checkpoints", 1, lambda m: m["epoch"] % 2 == 0) == [2]
+    assert checkpoint.verify(good) == (True, "ok")
+
+
+def test_checkpoints_of_a_folder_that_is_not_a_run_is_an_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from sslctl.cli.app import app
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    r = CliRunner().invoke(app, ["checkpoints", str(tmp_path / "photos")])
+    assert r.exit_code == 2 and "not a run directory" in r.output, r.output
+    r = CliRunner().invoke(app, ["checkpoints", str(tmp_path / "photos" / "a.jpg")])
+    assert r.exit_code == 2 and "a file, not a run directory" in r.output, r.output
+    started = tmp_path / "run"
+    started.mkdir()
+    (started / "config.yaml").write_text("{}")  # a run before its first checkpoint
+    r = CliRunner().invoke(app, ["checkpoints", str(started)])
+    assert r.exit_code == 0 and "no checkpoints yet" in r.output, r.output

@@ -132,7 +132,7 @@ def test_truncated_weights_and_corrupt_train_state_refused(ck, tmp_path):
 def test_unreadable_manifest_refused(ck, tmp_path):
     ck.manifest.write_text('{"files": ')  # torn
     r = _extract(ck.weights, tmp_path / "o.pth")
-    _one_line_error(r, f"{ck.manifest}: unreadable manifest (JSONDecodeError)", PICK)
+    _one_line_error(r, f"{ck.manifest}: malformed manifest (not JSON)", PICK)
 
 
 def test_missing_manifest_warns_once_and_proceeds(ck, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +22,29 @@ class CheckpointInfo:
 def list_run(run: Path) -> list[CheckpointInfo]:
     if not run.exists():
         raise UserError(f"{run}: no such run directory")
+    if not run.is_dir():
+        raise UserError(f"{run}: a file, not a run directory (give a pretrain --out)")
     directory = checkpoint.ckpt_dir_of(run)
+    if directory == run and not checkpoint.list_checkpoints(run) and not _is_run(run):
+        raise UserError(
+            f"{run}: not a run directory (no checkpoints/, config.yaml or step_* files); give a "
+            "pretrain or linear-eval --out, or its checkpoints/ folder"
+        )
     out = []
     for c in checkpoint.list_checkpoints(directory):
         ok, why = checkpoint.verify(c)
         epoch = position = None
         if c.manifest.is_file():
             try:
-                m = json.loads(c.manifest.read_text())
+                m = checkpoint.read_manifest(c.manifest)
                 epoch, position = m.get("epoch"), m.get("position")
             except (OSError, ValueError):
-                pass
+                pass  # its row says why it does not verify
         size = sum(f.stat().st_size for f in (c.weights, c.state, c.manifest) if f.is_file())
         out.append(CheckpointInfo(c.step, epoch, position, size, ok, why, c.weights))
     return out
+
+
+def _is_run(d: Path) -> bool:
+    """A run directory before its first checkpoint: it has what pretrain writes at start."""
+    return any((d / n).exists() for n in ("config.yaml", "metrics.jsonl", ".lock"))
