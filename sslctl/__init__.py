@@ -1,6 +1,12 @@
 """sslctl: self-supervised visual pre-training (Triplet, BYOL) and its standard evaluations."""
 
+import signal
+
 __version__ = "0.1.0"
+
+# The signals that stop a run cleanly (checkpoint first): what Slurm, `timeout` and Ctrl-C send.
+# Here, below every layer, so that the engine, the data loaders' workers and the launcher agree.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class UserError(Exception):

@@ -21,10 +21,9 @@ import torch
 import typer
 from torch.utils.data import Dataset
 
-from sslctl import checkpoint, entry
+from sslctl import STOP_SIGNALS, checkpoint, entry
 from sslctl.cli.common import user_errors
 from sslctl.data.tv import WorkerLoader
-from sslctl.engine.preempt import STOP_SIGNALS
 from tests.fault_helpers import ROOT, TINY_PROFILE, env, make_images
 
 LONG = 300  # seconds: the most any one process in these tests may take

@@ -18,6 +18,7 @@ out_console = Console(highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 3  # stopped by a signal after checkpointing: rerun to resume
 
 
 def user_errors(fn: F) -> F:

@@ -11,10 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sslctl import UserError
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # as sslctl.engine.preempt
-EXIT_PREEMPTED = 3  # as sslctl pretrain
+from sslctl import STOP_SIGNALS, UserError
+from sslctl.cli.common import EXIT_PREEMPTED
 
 FLAG = "--nproc-per-node"
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from sslctl import api
-from sslctl.cli.common import out_console, user_errors
+from sslctl.cli.common import EXIT_PREEMPTED, out_console, user_errors
 
 HELP = (
     "Linear evaluation of a frozen backbone (SPEC §3): --protocol standard trains Linear(feat, "
@@ -22,7 +22,6 @@ HELP = (
     "and ROOT/val; --data bundled is the demo set. Writes OUT/results.json."
 )
 
-EXIT_PREEMPTED = 3
 Opt = typer.Option
 OPTION_HELP = {
     "weights": "checkpoint (file, run dir, …/last), extracted backbone or torchvision .pth",

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from sslctl import api
-from sslctl.cli.common import err_console, out_console, user_errors
+from sslctl.cli.common import EXIT_PREEMPTED, err_console, out_console, user_errors
 
 HELP = (
     "Pre-train a backbone with a profile (Triplet or BYOL). Continues the run in --out from its "
@@ -21,7 +21,6 @@ HELP = (
     "(the newest finite checkpoint is kept and named)."
 )
 
-EXIT_PREEMPTED = 3
 EXIT_DIVERGED = 4
 
 

@@ -36,10 +36,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torchvision import transforms as T
 
-from sslctl import UserError
+from sslctl import STOP_SIGNALS, UserError
 from sslctl.data.readers import DecodeError, Sample, load_rgb
 from sslctl.data.views import EvalSpec, ViewSpec
-from sslctl.engine.preempt import STOP_SIGNALS
 from sslctl.log import console
 
 _PIL_RESAMPLE = {

@@ -11,9 +11,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from sslctl import dist, log
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from sslctl import STOP_SIGNALS, dist, log
 
 
 class StopFlag:
