@@ -124,7 +124,7 @@ def sha256_file(path: Path) -> str:
 def write_bytes(path: str, data: bytes) -> None:
     """Every byte sslctl writes into a checkpoint or safetensors file goes through here (one
     open, one write: the serialised bytes are made in memory, so no library writes temporaries
-    of its own beside ours — safetensors' ``save_file`` would leave a ``.tmpXXXXXX`` on a kill)."""
+    of its own beside ours: safetensors' ``save_file`` leaves its own temporary file on a kill)."""
     with open(path, "wb") as fh:
         fh.write(data)
 
@@ -236,22 +236,38 @@ def _listed(manifest_path: Path) -> dict[str, str]:
     return read_manifest(manifest_path)["files"]
 
 
-def _verify_files(manifest_path: Path, files: dict[str, Path]) -> tuple[bool, str]:
-    """(ok, reason): ``manifest_path`` parses and lists each name with the sha256 of its file."""
+def _first_problem(manifest_path: Path, files: dict[str, Path]) -> tuple[Path | None, str]:
+    """(None, "") when the manifest lists each name with the sha256 of its file; else the file
+    at fault (the manifest itself, or one of ``files``) and what is wrong with it."""
     try:
         listed = _listed(manifest_path)
     except OSError as e:
-        return False, f"unreadable manifest ({e.strerror or e.__class__.__name__})"
+        return manifest_path, f"unreadable manifest ({e.strerror or e.__class__.__name__})"
     except ValueError as e:
-        return False, f"malformed manifest ({e})"
+        return manifest_path, f"malformed manifest ({e})"
     for name, f in files.items():
         if name not in listed:
-            return False, f"manifest does not list {name}"
+            return f, "not listed"
         if not f.is_file():
-            return False, f"{name} missing"
+            return f, "missing"
         if sha256_file(f) != listed[name]:
-            return False, f"{name} does not match its sha256 (corrupt or truncated)"
-    return True, "ok"
+            return f, "sha256 differs"
+    return None, ""
+
+
+_SHORT = {  # the reason in `sslctl checkpoints` and resume's skip lines, by what _first_problem says
+    "not listed": "manifest does not list {}",
+    "missing": "{} missing",
+    "sha256 differs": "{} does not match its sha256 (corrupt or truncated)",
+}
+
+
+def _verify_files(manifest_path: Path, files: dict[str, Path]) -> tuple[bool, str]:
+    """(ok, reason): ``manifest_path`` parses and lists each name with the sha256 of its file."""
+    bad, why = _first_problem(manifest_path, files)
+    if bad is None:
+        return True, "ok"
+    return False, why if bad == manifest_path else _SHORT[why].format(bad.name)
 
 
 def verify(paths: CkptPaths) -> tuple[bool, str]:
@@ -397,27 +413,21 @@ def verify_explicit(weights: Path) -> None:
             _WARNED_NO_MANIFEST.add(key)
             log.warn(f"{weights}: no manifest beside it; its integrity cannot be checked")
         return
-    try:
-        listed = _listed(paths.manifest)
-    except OSError as e:
-        raise _unverified(
-            paths, f"{paths.manifest}: unreadable manifest ({e.strerror or e.__class__.__name__})"
-        ) from None
-    except ValueError as e:
-        raise _unverified(paths, f"{paths.manifest}: malformed manifest ({e})") from None
-    for f in (paths.weights, paths.state):
-        if f != weights and not f.is_file():
-            continue  # e.g. a .safetensors copied out without its train state
-        if f.name not in listed:
-            raise _unverified(paths, f"{f}: its manifest {paths.manifest.name} does not list it")
-        if not f.is_file():
-            raise UserError(f"{f}: no such file")
-        if sha256_file(f) != listed[f.name]:
-            raise _unverified(
-                paths,
-                f"{f} does not match its manifest {paths.manifest.name} "
-                "(sha256 differs: corrupt or truncated)",
-            )
+    # A .safetensors copied out without its train state is checked alone.
+    files = {f.name: f for f in (paths.weights, paths.state) if f == weights or f.is_file()}
+    bad, why = _first_problem(paths.manifest, files)
+    name = paths.manifest.name
+    if bad is None:
+        return
+    if bad == paths.manifest:
+        raise _unverified(paths, f"{bad}: {why}")
+    if why == "missing":
+        raise UserError(f"{bad}: no such file")
+    if why == "not listed":
+        raise _unverified(paths, f"{bad}: its manifest {name} does not list it")
+    raise _unverified(
+        paths, f"{bad} does not match its manifest {name} ({why}: corrupt or truncated)"
+    )
 
 
 def _unverified(paths: CkptPaths, what: str) -> UserError:

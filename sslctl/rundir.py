@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -120,11 +121,16 @@ def lock_on_main(directory: Path, is_main: bool) -> contextlib.AbstractContextMa
     if is_main:
         try:
             lock = DirLock(directory)
+            # ours now: temporaries left by a killed run or evaluation are stale
+            for d in [directory, *(p for p in directory.iterdir() if p.is_dir())]:
+                checkpoint.remove_stale_temps(d)
         except UserError as e:
             error = str(e)
-    if lock is not None:  # ours now: temporaries left by a killed evaluation are stale
-        for d in [directory, *(p for p in directory.iterdir() if p.is_dir())]:
-            checkpoint.remove_stale_temps(d)
+        except OSError as e:  # permissions, a read-only disk
+            error = f"{directory}: {e.strerror or e}; fix the directory, then rerun"
+        if error and lock is not None:
+            lock.release()
+            lock = None
     error = str(dist.broadcast_object(error))
     if error:
         raise UserError(error)
@@ -194,11 +200,10 @@ def check_request(req: ResumeRequest) -> None:
 
 
 def plan_resume(run: Path, req: ResumeRequest, config: dict[str, Any]) -> ResumePlan:
-    """Decide where ``pretrain`` starts; rank 0, with the run's lock held. ``config`` is the
-    run's new resolved configuration (``Config.to_dict()``)."""
+    """Decide where ``pretrain`` starts; rank 0, with the run's lock held (``lock_on_main``,
+    which also removed stale temporaries). ``config`` is the run's new resolved configuration
+    (``Config.to_dict()``)."""
     ckdir = run / "checkpoints"
-    for d in (run, ckdir):
-        checkpoint.remove_stale_temps(d)  # the lock is ours: no live writer owns them
     found = checkpoint.list_checkpoints(ckdir)
     newest = checkpoint.newest_valid(
         ckdir, lambda c, why: log.warn(f"skipping checkpoint {c.weights.name}: {why}")
@@ -254,12 +259,11 @@ def _explicit(
             "first), or drop --resume to continue from the newest"
         )
     plan = _continue(run, ck, config, req)  # settings refused before anything moves
-    history = _read_history(run / "metrics.jsonl", ck.step) if inside else []
     moved = supersede(run)
     if inside and moved is not None:  # the rewound run starts from its own copy of the point
         ck = _link_back(checkpoint.CkptPaths.of(moved / "checkpoints", ck.step), ckdir)
-    if history:
-        _write_history(run / "metrics.jsonl", history)
+        if (moved / "metrics.jsonl").is_file():  # its history: resume trims it to the step
+            shutil.copy2(moved / "metrics.jsonl", run / "metrics.jsonl")
     return ResumePlan(ck.weights, plan.changes, moved)
 
 
@@ -318,10 +322,15 @@ def config_changes(
     return out
 
 
-def _is_default(key: str, value: Any) -> bool:
+@functools.cache
+def _defaults() -> dict[str, Any]:
     from sslctl.config import Config
 
-    return bool(_flat(Config().to_dict()).get(key, object()) == value)
+    return _flat(Config().to_dict())
+
+
+def _is_default(key: str, value: Any) -> bool:
+    return bool(_defaults().get(key, object()) == value)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -353,23 +362,3 @@ def _none_verify(run: Path, found: list[checkpoint.CkptPaths]) -> str:
         f"verifies (step {last.step}: {why}); nothing was changed — inspect them with "
         f"`sslctl checkpoints {run}`, or start over with --fresh (moves them to {run / SUPERSEDED}/)"
     )
-
-
-def _read_history(path: Path, upto: int) -> list[str]:
-    """metrics.jsonl lines of steps ≤ ``upto``: the history a rewound run continues."""
-    if not path.is_file():
-        return []
-    keep = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError, TypeError):
-                if int(json.loads(line).get("step", 0)) <= upto:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-    return keep
-
-
-def _write_history(path: Path, lines: list[str]) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text("".join(lines), encoding="utf-8")
-
-    checkpoint.atomic_write(path, write)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,10 @@ def list_run(run: Path) -> list[CheckpointInfo]:
     for c in checkpoint.list_checkpoints(directory):
         ok, why = checkpoint.verify(c)
         epoch = position = None
-        if c.manifest.is_file():
-            try:
-                m = checkpoint.read_manifest(c.manifest)
-                epoch, position = m.get("epoch"), m.get("position")
-            except (OSError, ValueError):
-                pass  # its row says why it does not verify
+        # a manifest that cannot be read: its row says why it does not verify
+        with contextlib.suppress(OSError, ValueError):
+            m = checkpoint.read_manifest(c.manifest)
+            epoch, position = m.get("epoch"), m.get("position")
         size = sum(f.stat().st_size for f in (c.weights, c.state, c.manifest) if f.is_file())
         out.append(CheckpointInfo(c.step, epoch, position, size, ok, why, c.weights))
     return out

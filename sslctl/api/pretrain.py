@@ -27,35 +27,28 @@ class PretrainResult:
     fit: FitResult
 
 
-def prepare_run_dir(
+def plan_run(
     out: Path, cfg: Config, request: rundir.ResumeRequest, di: dist.DistInfo
-) -> tuple[rundir.DirLock | None, rundir.ResumePlan]:
-    """Rank 0 locks the run directory and decides where training starts; every rank gets the
-    same plan, or the same one-line refusal (no rank is left waiting for another)."""
-    lock: rundir.DirLock | None = None
+) -> rundir.ResumePlan:
+    """Rank 0 (holding the run's lock) decides where training starts; every rank gets the same
+    plan, or the same one-line refusal (no rank is left waiting for another)."""
     plan: rundir.ResumePlan | None = None
     error = ""
     if di.is_main:
         try:
-            rundir.check_writable(out)
-            lock = rundir.DirLock(out)
             plan = rundir.plan_resume(out, request, cfg.to_dict())
         except UserError as e:
             error = str(e)
-        except OSError as e:  # cleaning, moving aside: permissions, a full or read-only disk
+        except OSError as e:  # moving aside: permissions, a full or read-only disk
             where = f" ({e.filename})" if e.filename else ""
             error = f"--out {out}: {e.strerror or e}{where}; fix the directory, then rerun"
         except Exception as e:  # a bug: told to every rank, then its traceback on rank 0
             dist.broadcast_object((f"rank 0 failed: {type(e).__name__}: {e}", None))
             raise
-        finally:
-            if error and lock is not None:
-                lock.release()
-                lock = None
     error, plan = dist.broadcast_object((error, plan))  # type: ignore[misc]
     if error or plan is None:
         raise UserError(error or "the run directory could not be prepared on rank 0")
-    return lock, plan
+    return plan
 
 
 def recorded_config(cfg: Config, data: Path | None, root: Path) -> Config:
@@ -166,15 +159,13 @@ def pretrain(
     cfg = recorded_config(cfg, data, root)
     init = read_init_weights(cfg)
     di = dist.init()
-    lock: rundir.DirLock | None = None
     try:
-        with StopFlag() as stop:  # a signal during the data scan stops cleanly too
-            lock, plan = prepare_run_dir(out, cfg, request, di)
+        # a signal during the data scan stops cleanly too; the lock is rank 0's for the run's life
+        with StopFlag() as stop, rundir.lock_on_main(out, di.is_main):
+            plan = plan_run(out, cfg, request, di)
             req = fit_request(cfg, out, root, plan, max_steps, init, di)
             result = fit(dataclasses.replace(req, stop=stop), di)
     finally:
-        if lock is not None:
-            lock.release()
         dist.shutdown()
     return PretrainResult(out, cfg, result)
 
