@@ -1,13 +1,26 @@
 """Frozen configuration dataclasses loaded from profile YAML files.
 
 A profile is a YAML mapping of sections (``model``, ``method``, ``loss``, ``optim``, ``train``,
-``data``, ``ckpt``, ``init``, ``eval``) to flat ``key: value`` mappings: one level, no includes, no
-inheritance. Unknown keys and wrong types are errors that name the key and the file.
+``data``, ``ckpt``, ``init``, ``eval``) to flat ``key: value`` mappings, one level deep. Unknown
+keys, wrong types and values outside ``RANGES`` are errors that name the key and the file.
 ``--set section.key=value`` overrides a value (parsed as YAML). Derived values are computed in code.
+
+A top-level ``extends: NAME_OR_PATH`` starts a profile from another one (a bundled name, or a
+YAML path relative to the extending file), then overrides it section by section, key by key.
+Chains are allowed up to ``MAX_EXTENDS`` steps; a cycle is an error. Without ``extends:``, a
+pre-training profile must name ``method.name`` and ``model.arch`` itself (``REQUIRED``): a
+file that names neither would otherwise train the defaults without saying so. Linear-eval
+profiles need no key: their defaults are the standard protocol (SPEC §3) itself.
+
+Profiles are read with a loader that refuses what a flat mapping never needs and a hostile
+file could abuse: YAML aliases (a few hundred bytes of nested aliases expand to gigabytes),
+nesting deeper than ``MAX_YAML_DEPTH``, duplicate keys (silently replaced otherwise), and
+files over ``MAX_PROFILE_BYTES``.
 
 A top-level ``kind`` says what a profile configures: ``pretrain`` (the default, loaded by
 ``load`` into ``Config``) or ``linear-eval`` (sections ``linear``, ``data``, ``cached``, ``knn``,
-loaded by ``load_linear`` into ``LinearConfig``). Each loader refuses the other kind.
+loaded by ``load_linear`` into ``LinearConfig``). Each loader refuses the other kind; a profile
+inherits the kind of the one it extends and may not state another.
 """
 
 from __future__ import annotations
@@ -99,6 +112,12 @@ class DataCfg:
     crop_scale_min: float = 0.08
     workers: int = 8
     pin_memory: bool = True
+    # list-file entries whose paths resolve outside root (../, absolute, symlinks) are refused
+    # unless this is true
+    allow_outside_root: bool = False
+    # images with more pixels are counted as "huge" and skipped: PIL's decompression-bomb error
+    # threshold (2 × PIL.Image.MAX_IMAGE_PIXELS)
+    max_image_pixels: int = 178956970
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,9 @@ class LinearDataCfg:
     crop_scale_min: float = 0.08  # RandomResizedCrop scale (crop_scale_min, 1)
     workers: int = 8  # decoding processes per rank
     eval_batch_size: int = 256  # images per forward pass and process (validation, features)
+    # --train/--val list files: as data.allow_outside_root and data.max_image_pixels of pretrain
+    allow_outside_root: bool = False
+    max_image_pixels: int = 178956970
 
 
 @dataclass(frozen=True)
@@ -222,6 +244,128 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "linear.precision": ("fp16", "bf16", "fp32"),
 }
 
+# Keys a pre-training profile must name itself (or through `extends:`): the defaults would
+# otherwise pick the method and the network without the profile saying so.
+REQUIRED = ("method.name", "model.arch")
+
+MAX_PROFILE_BYTES = 1 << 20  # the bundled profiles are about 2 KB
+MAX_YAML_DEPTH = 16  # a profile needs 2 (sections, then keys); room for a clear type error
+MAX_EXTENDS = 8  # `extends:` steps from a profile to the root of its chain
+QUOTE_LIMIT = 80  # characters of a user's value quoted in an error
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: ``lo``/``hi`` bounds (None: unbounded), each
+    inclusive unless ``*_open``."""
+
+    lo: float | None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{self.lo}, {self.hi}{right}"
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+FACTOR = Range(0, 1)  # a fraction of the learning rate
+MOMENTUM = Range(0, 1, hi_open=True)  # 1 would freeze the average (LARS, SGD and AdamW's β1)
+FRACTION = Range(0, 1, lo_open=True)  # a crop's share of the image: some of it, at most all
+EPOCHS = Range(1, 100_000)
+SEED = Range(0, 2**32 - 1)  # the seed × 1_000_003 + step stays within torch's 64-bit seed
+WIDTH = Range(1, 65_536)  # MLP widths, batch sizes per process
+PIXELS = Range(8, 4096)  # image sides: convnet4 halves three times; 4096 keeps a batch in memory
+
+# The valid range of every numeric key of both kinds (``data.*`` is shared by them; the test
+# suite checks that no numeric field is missing). Sizes and counts of work have an upper bound
+# past which no machine could run them; "every N" counters and the pixel limit need none.
+# Rules across keys live in validate() and validate_linear().
+RANGES: dict[str, Range] = {
+    "model.proj_hidden": WIDTH,
+    "model.proj_dim": WIDTH,
+    "model.pred_hidden": WIDTH,
+    "method.base_momentum": MOMENTUM,
+    "method.online_res_min": Range(1, 4096),  # ResNets accept any size (convnet4: validate)
+    "method.online_res_max": Range(1, 4096),
+    "method.target_res_min": Range(1, 4096),
+    "method.target_res_max": Range(1, 4096),
+    "loss.gamma": POSITIVE,
+    "loss.margin": NON_NEGATIVE,
+    "loss.drop_nearest": Range(0, 65_535),
+    "loss.keep": Range(1, 65_535),
+    "optim.lr": POSITIVE,
+    "optim.momentum": MOMENTUM,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.trust_coef": POSITIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,  # and <= train.epochs
+    "optim.warmup_start_factor": FACTOR,
+    "optim.final_lr_factor": FACTOR,
+    "optim.clip_grad": NON_NEGATIVE,  # 0 = off
+    "optim.min_lr": NON_NEGATIVE,
+    "train.epochs": EPOCHS,
+    "train.batch_size": WIDTH,
+    "train.accumulate": Range(1, 4096),
+    "train.seed": SEED,
+    "train.log_every": Range(1),
+    "train.max_nonfinite": Range(1),
+    "data.image_size": PIXELS,
+    "data.resize": Range(8, 8192),  # and >= data.image_size
+    "data.crop_scale_min": FRACTION,
+    "data.workers": Range(0, 256),
+    "data.eval_batch_size": WIDTH,
+    "data.max_image_pixels": Range(1),
+    "ckpt.every_epochs": Range(0),  # 0 = no permanent checkpoints
+    "ckpt.keep_last": Range(1),
+    "ckpt.every_steps": Range(0),  # 0 = at epoch ends only
+    "eval.knn_every": Range(0),  # 0 = off
+    "eval.knn_k": Range(1, 100_000),
+    "eval.knn_temperature": POSITIVE,
+    "linear.epochs": EPOCHS,
+    "linear.batch_size": Range(1, 2**20),  # global
+    "linear.lr": POSITIVE,
+    "linear.momentum": MOMENTUM,
+    "linear.weight_decay": NON_NEGATIVE,
+    "linear.warmup_epochs": NON_NEGATIVE,  # and <= linear.epochs
+    "linear.warmup_start_factor": FACTOR,
+    "linear.final_lr_factor": FACTOR,
+    "linear.seed": SEED,
+    "linear.log_every": Range(1),
+    "cached.epochs": EPOCHS,
+    "cached.batch_size": Range(1, 2**20),
+    "cached.lr": POSITIVE,
+    "cached.momentum": MOMENTUM,
+    "cached.weight_decay": NON_NEGATIVE,
+    "cached.warmup_epochs": NON_NEGATIVE,  # and <= cached.epochs
+    "knn.k": Range(1, 100_000),
+    "knn.temperature": POSITIVE,
+    "knn.chunk": Range(1, 2**20),
+}
+
+
+def _clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters: a quoted value never floods a one-line error."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(value: Any) -> str:
+    return _clip(repr(value))
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Return value converted to tp (int→float allowed) or raise UserError naming `where`."""
@@ -234,7 +378,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             pass
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
-        raise UserError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise UserError(
+            f"{where}: expected {tp.__name__}, got {type(value).__name__} {_shown(value)}"
+        )
     return value
 
 
@@ -246,7 +392,9 @@ def _section_types(cls: type) -> dict[str, Any]:
 def _profile_kind(raw: dict[str, Any], source: str) -> str:
     kind = raw.get("kind", "pretrain")
     if kind not in KINDS:
-        raise UserError(f"{source}: key 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(
+            f"{source}: key 'kind' must be one of {', '.join(KINDS)}, got {_shown(kind)}"
+        )
     return str(kind)
 
 
@@ -260,8 +408,9 @@ def _wrong_kind(source: str, kind: str, wanted: str) -> UserError:
 
 def _build(cls: type, raw: Any, source: str, set_text: dict[str, str] | None = None) -> Any:
     """Instantiate ``cls`` (a top-level config: str fields and section dataclasses) from a
-    mapping, checking every section, key, type and choice; errors name the key and ``source``.
-    ``set_text``: ``section.key`` -> the text given to ``--set`` (named instead of the file)."""
+    mapping, checking every section, key, type, range and choice; errors name the key and
+    ``source``. ``set_text``: ``section.key`` -> the text given to ``--set`` (named instead of
+    the file)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -272,7 +421,7 @@ def _build(cls: type, raw: Any, source: str, set_text: dict[str, str] | None = N
     kwargs: dict[str, Any] = {}
     for sec, body in raw.items():
         if sec not in top:
-            raise UserError(f"{source}: unknown section '{sec}' (known: {', '.join(top)})")
+            raise UserError(f"{source}: unknown section {_shown(sec)} (known: {', '.join(top)})")
         if top[sec] is str:  # description, kind
             kwargs[sec] = _check_type(body, str, f"{source}: {sec}")
             continue
@@ -289,29 +438,51 @@ def _build_section(cls: type, sec: str, body: Any, source: str, set_text: dict[s
         name = f"{sec}.{key}"
         if key not in types_:
             raise UserError(
-                f"{source}: unknown key '{name}' (known in '{sec}': {', '.join(types_)})"
+                f"{source}: unknown key {_shown(name)} (known in '{sec}': {', '.join(types_)})"
             )
         vals[key] = _check_type(value, types_[key], f"{source}: key '{name}'")
         if isinstance(vals[key], float) and not math.isfinite(vals[key]):
             # inf passes range checks such as `lr > 0` and NaN makes them report the wrong thing
             where = f"--set {name}" if name in set_text else f"{source}: key '{name}'"
-            raise UserError(f"{where}: {set_text.get(name, value)} is not a finite number")
+            raise UserError(
+                f"{where}: {_clip(str(set_text.get(name, value)))} is not a finite number"
+            )
+        if name in RANGES and vals[key] not in RANGES[name]:
+            raise UserError(f"{source}: {name} must be {RANGES[name]}, got {_shown(value)}")
         if name in CHOICES and vals[key] not in CHOICES[name]:
             raise UserError(
-                f"{source}: key '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}"
+                f"{source}: key '{name}' must be one of {', '.join(CHOICES[name])}, "
+                f"got {_shown(value)}"
             )
     return cls(**vals)
 
 
-def from_dict(raw: Any, source: str, set_text: dict[str, str] | None = None) -> Config:
+def from_dict(
+    raw: Any,
+    source: str,
+    set_text: dict[str, str] | None = None,
+    required: tuple[str, ...] = (),
+) -> Config:
     """Build a Config from a sections mapping; `source` names the file in every error
-    (``set_text``, from ``_read_raw``, names a --set instead where one gave the value)."""
+    (``set_text``, from ``_read_raw``, names a --set instead where one gave the value).
+    ``required``: keys the mapping must name (``REQUIRED`` for a profile)."""
     if isinstance(raw, dict) and "kind" in raw:
         kind = _profile_kind(raw, source)
         if kind != "pretrain":
             raise _wrong_kind(source, kind, "pretrain")
         raw = {k: v for k, v in raw.items() if k != "kind"}
     cfg: Config = _build(Config, raw, source, set_text)
+    missing = []
+    for key in required:
+        sec, _, name = key.partition(".")
+        if name not in (raw or {}).get(sec, {}):
+            missing.append(key)
+    if missing:
+        raise UserError(
+            f"{source}: missing {' and '.join(missing)}; a profile names its method and network "
+            "(no defaults are assumed), or starts from another with `extends: NAME` (see "
+            "`sslctl profiles`)"
+        )
     validate(cfg, source)
     return cfg
 
@@ -326,15 +497,23 @@ def linear_from_dict(raw: Any, source: str, set_text: dict[str, str] | None = No
     return cfg
 
 
+def _check_warmup(source: str, warm_key: str, warm: float, epochs_key: str, epochs: int) -> None:
+    """The schedules (engine.schedules) need the warm-up to fit inside the run."""
+    if warm > epochs:
+        raise UserError(
+            f"{source}: {warm_key}={_num(warm)} must be <= {epochs_key}={epochs}; lower "
+            f"{warm_key} (e.g. --set {warm_key}={epochs}) or raise {epochs_key}"
+        )
+
+
 def validate(cfg: Config, source: str) -> None:
+    """Rules across keys (each key's own range is checked by ``_build``, from ``RANGES``)."""
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise UserError(f"{source}: {msg}")
 
-    need(cfg.train.epochs >= 1, "train.epochs must be >= 1")
-    need(cfg.train.batch_size >= 1, "train.batch_size must be >= 1")
-    need(cfg.train.accumulate >= 1, "train.accumulate must be >= 1")
-    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    m = cfg.method
     need(
         not (cfg.model.arch == "convnet4" and cfg.model.small_stem),
         "model.small_stem applies to ResNets only; set it to false for convnet4",
@@ -342,32 +521,28 @@ def validate(cfg: Config, source: str) -> None:
     need(
         not (
             cfg.model.arch == "convnet4"
-            and cfg.method.multires
-            and min(cfg.method.online_res_min, cfg.method.target_res_min) < 8
+            and m.multires
+            and min(m.online_res_min, m.target_res_min) < 8
         ),
         "convnet4 halves its input three times: method.online_res_min and "
         "method.target_res_min must be >= 8",
     )
-    need(cfg.loss.gamma > 0.0, "loss.gamma must be > 0")
-    need(
-        cfg.loss.drop_nearest >= 0 and cfg.loss.keep >= 1, "loss.drop_nearest >= 0, loss.keep >= 1"
+    for view, lo, hi in (
+        ("online", m.online_res_min, m.online_res_max),
+        ("target", m.target_res_min, m.target_res_max),
+    ):
+        need(
+            lo <= hi,
+            f"method.{view}_res_min={lo} must be <= method.{view}_res_max={hi}; "
+            f"lower the first or raise the second",
+        )
+    _check_warmup(
+        source, "optim.warmup_epochs", cfg.optim.warmup_epochs, "train.epochs", cfg.train.epochs
     )
-    need(0.0 <= cfg.method.base_momentum < 1.0, "method.base_momentum must be in [0, 1)")
-    need(cfg.data.image_size >= 8, "data.image_size must be >= 8")
-    need(0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]")
-    need(
-        cfg.method.online_res_min <= cfg.method.online_res_max
-        and cfg.method.target_res_min <= cfg.method.target_res_max,
-        "method.*_res_min must be <= *_res_max",
-    )
-    need(cfg.ckpt.keep_last >= 1, "ckpt.keep_last must be >= 1")
     need(
         cfg.eval.knn_every == 0 or bool(cfg.eval.knn_train and cfg.eval.knn_val),
         "eval.knn_every needs eval.knn_train and eval.knn_val (labelled ImageFolder trees, or "
         "'bundled' for the demo set)",
-    )
-    need(
-        cfg.eval.knn_k >= 1 and cfg.eval.knn_temperature > 0, "eval.knn_k >= 1, knn_temperature > 0"
     )
     need_n = cfg.loss.drop_nearest + cfg.loss.keep + 1
     need(
@@ -379,38 +554,169 @@ def validate(cfg: Config, source: str) -> None:
 
 
 def validate_linear(cfg: LinearConfig, source: str) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UserError(f"{source}: {msg}")
-
-    lin, d = cfg.linear, cfg.data
-    need(lin.epochs >= 1 and cfg.cached.epochs >= 1, "linear.epochs and cached.epochs must be >= 1")
-    need(lin.batch_size >= 1 and cfg.cached.batch_size >= 1, "batch sizes must be >= 1")
-    need(lin.lr > 0 and cfg.cached.lr > 0, "linear.lr and cached.lr must be > 0")
-    need(lin.weight_decay >= 0 and cfg.cached.weight_decay >= 0, "weight decay must be >= 0")
-    need(
-        0 <= lin.warmup_epochs <= lin.epochs and 0 <= cfg.cached.warmup_epochs <= cfg.cached.epochs,
-        "warmup_epochs must be between 0 and epochs",
+    """Rules across keys (each key's own range is checked by ``_build``, from ``RANGES``)."""
+    lin, cached, d = cfg.linear, cfg.cached, cfg.data
+    _check_warmup(source, "linear.warmup_epochs", lin.warmup_epochs, "linear.epochs", lin.epochs)
+    _check_warmup(
+        source, "cached.warmup_epochs", cached.warmup_epochs, "cached.epochs", cached.epochs
     )
-    need(lin.log_every >= 1, "linear.log_every must be >= 1")
-    need(d.image_size >= 8, "data.image_size must be >= 8")
-    need(d.resize >= d.image_size, "data.resize must be >= data.image_size (centre crop)")
-    need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]")
-    need(d.workers >= 0 and d.eval_batch_size >= 1, "data.workers >= 0, data.eval_batch_size >= 1")
-    need(cfg.knn.k >= 1 and cfg.knn.chunk >= 1, "knn.k and knn.chunk must be >= 1")
-    need(cfg.knn.temperature > 0, "knn.temperature must be > 0")
+    if d.resize < d.image_size:
+        raise UserError(
+            f"{source}: data.resize must be >= data.image_size (centre crop), got "
+            f"data.resize={d.resize} < data.image_size={d.image_size}; raise data.resize"
+        )
 
 
-def profile_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise UserError(f"profile file not found: {p}")
+# ----------------------------------------------------------------- reading profile files
+class _RefusedYAML(yaml.YAMLError):
+    """What ``_ProfileLoader`` refuses; the message starts with the line (``line N: …``)."""
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases, deep nesting and duplicate keys: a profile is a flat
+    ``section: {key: value}`` map and needs none of them, while a hostile or mistaken file can
+    use aliases to expand a few hundred bytes to gigabytes ("billion laughs"), nesting to
+    exhaust the composer's recursion, and a repeated key to silently replace the first."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        line = self.peek_event().start_mark.line + 1
+        if self.check_event(yaml.AliasEvent):
+            raise _RefusedYAML(
+                f"line {line}: YAML aliases (*name) are not allowed in profiles; write the "
+                "value out, or start from another profile with `extends:`"
+            )
+        if self.depth >= MAX_YAML_DEPTH:
+            raise _RefusedYAML(
+                f"line {line}: nested more than {MAX_YAML_DEPTH} levels deep; a profile is "
+                "`section: {key: value}`"
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # unhashable keys: SafeLoader's own error; `<<` merges: its own rules
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first:
+                raise _RefusedYAML(
+                    f"line {line}: duplicate key {_shown(key)} (first on line {first[key]}); "
+                    "keep one"
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    """``text`` parsed by ``_ProfileLoader`` (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_ProfileLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        return f"line {e.problem_mark.line + 1}: {e.problem or e.context or 'syntax error'}"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read_yaml(path: Path) -> Any:
+    """One profile file's YAML, or a UserError naming ``path``."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+        if len(data) > MAX_PROFILE_BYTES:
+            raise UserError(
+                f"{path}: larger than {MAX_PROFILE_BYTES >> 20} MB; a profile is a small YAML "
+                "file of settings (is this the right file?)"
+            )
+        return _parse_yaml(data.decode("utf-8"))
+    except _RefusedYAML as e:
+        raise UserError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({_clip(_yaml_problem(e), 120)})") from None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or an int over 4300 digits
+        raise UserError(f"{path}: cannot read profile ({_clip(str(e), 120)})") from None
+
+
+def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``parent``: sections merge key by key, other values are replaced."""
+    out = dict(parent)
+    for k, v in child.items():
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = {**out[k], **v} if both else v
+    return out
+
+
+def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The profile at ``path`` as one mapping, its ``extends:`` chain merged in (parents first),
+    and the name it extends ("" when none). ``chain``: the profiles that extend this one."""
+    raw = _read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"{path}: a profile must be a YAML mapping of sections, got {type(raw).__name__}"
+        )
+    if "extends" not in raw:
+        return raw, ""
+    parent_name = raw.pop("extends")
+    if not isinstance(parent_name, str) or not parent_name.strip():
+        raise UserError(
+            f"{path}: key 'extends' must name a bundled profile or a .yaml file, got "
+            f"{_shown(parent_name)}"
+        )
+    chain = (*chain, path.resolve())
+    try:
+        parent_path = profile_path(parent_name, base=path.parent)
+    except UserError as e:
+        raise UserError(f"{path}: extends: {e}") from None
+    if parent_path.resolve() in chain:
+        cycle = " → ".join(p.name for p in (*chain, parent_path.resolve()))
+        raise UserError(f"{path}: `extends:` makes a cycle ({_clip(cycle, 160)}); break it")
+    if len(chain) > MAX_EXTENDS:
+        raise UserError(
+            f"{path}: more than {MAX_EXTENDS} `extends:` steps; extend a profile nearer the root"
+        )
+    parent, _ = _resolve(parent_path, chain)
+    parent_kind = parent.get("kind", "pretrain")
+    if "kind" in raw and raw["kind"] != parent_kind:
+        raise UserError(
+            f"{path}: kind {_shown(raw['kind'])} but it extends {_clip(parent_name)} (kind "
+            f"{parent_kind}); a profile extends one of its own kind (or leave out 'kind')"
+        )
+    return _merge(parent, raw), parent_name
+
+
+def _is(test: typing.Callable[[], bool]) -> bool:
+    """``test()`` (Path.exists / is_file), False where the name cannot be a file at all (too
+    long, a NUL byte): those raise instead of answering False."""
+    try:
+        return test()
+    except (OSError, ValueError):
+        return False
+
+
+def profile_path(name_or_path: str, base: Path | None = None) -> Path:
+    """The file of a profile: a path (relative to ``base``, default the working directory)
+    when it ends in .yaml/.yml or exists, else the bundled profile of that name."""
+    p = (base or Path()) / Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or _is(p.exists):
+        if not _is(p.is_file):
+            raise UserError(f"profile file not found: {_clip(str(p), 160)}")
         return p
     bundled = PROFILE_DIR / f"{name_or_path}.yaml"
-    if not bundled.is_file():
+    if not _is(bundled.is_file):
         known = ", ".join(sorted(list_profiles(None)))
-        raise UserError(f"unknown profile '{name_or_path}' (known: {known}; or pass a .yaml path)")
+        raise UserError(
+            f"unknown profile {_shown(name_or_path)} (known: {known}; or pass a .yaml path)"
+        )
     return bundled
 
 
@@ -418,7 +724,7 @@ def profile_table() -> dict[str, tuple[str, str]]:
     """Bundled profile name -> (kind, one-line description)."""
     out = {}
     for p in sorted(PROFILE_DIR.glob("*.yaml")):
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw, _ = _resolve(p)
         out[p.stem] = (str(raw.get("kind", "pretrain")), str(raw.get("description", "")))
     return out
 
@@ -433,42 +739,37 @@ def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for s in sets:
         if "=" not in s or "." not in s.split("=", 1)[0]:
-            raise UserError(f"--set {s!r}: expected section.key=value, e.g. --set optim.lr=2.4")
+            raise UserError(
+                f"--set {_shown(s)}: expected section.key=value, e.g. --set optim.lr=2.4"
+            )
         key, val = s.split("=", 1)
         sec, name = key.strip().split(".", 1)
         try:
-            parsed = yaml.safe_load(val) if val.strip() else ""
-        except yaml.YAMLError:
+            parsed = _parse_yaml(val) if val.strip() else ""
+        except (yaml.YAMLError, ValueError):  # not YAML, or refused: the type check judges the text
             parsed = val
         out.setdefault(sec, {})[name] = parsed
     return out
 
 
 def _read_raw(profile: str, sets: list[str]) -> tuple[dict[str, Any], str, dict[str, str]]:
-    """The profile's mapping with --set overrides merged in, the source named in errors, and
-    each --set key's text as typed (``optim.lr`` -> ``.inf``)."""
+    """The profile's mapping (its ``extends:`` chain and --set overrides merged in), the source
+    named in errors, and each --set key's text as typed (``optim.lr`` -> ``.inf``)."""
     path = profile_path(profile)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read profile ({e})") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise UserError(f"{path}: a profile must be a YAML mapping of sections")
-    raw = dict(raw or {})
+    raw, parent = _resolve(path)
     for sec, kv in parse_sets(sets).items():
-        if sec in ("description", "kind") or not isinstance(raw.get(sec, {}), dict):
-            raise UserError(f"--set {sec}.*: '{sec}' is not a settable section")
+        if sec in ("description", "kind", "extends") or not isinstance(raw.get(sec, {}), dict):
+            raise UserError(f"--set {_clip(sec)}.*: '{_clip(sec)}' is not a settable section")
         raw[sec] = {**(raw.get(sec) or {}), **kv}
     texts = {k.strip(): v.strip() for k, v in (s.split("=", 1) for s in sets)}
-    return raw, (str(path) if not sets else f"{path} (with --set)"), texts
+    notes = [f"extends {_clip(parent, 60)}"] * bool(parent) + ["with --set"] * bool(sets)
+    return raw, f"{path}" + (f" ({', '.join(notes)})" if notes else ""), texts
 
 
 def load(profile: str, sets: list[str] | None = None) -> Config:
     """Load a bundled pre-training profile (by name) or a YAML file, then apply --set overrides."""
     raw, src, texts = _read_raw(profile, sets or [])
-    return from_dict(raw, src, texts)
+    return from_dict(raw, src, texts, REQUIRED)
 
 
 def load_linear(profile: str, sets: list[str] | None = None) -> LinearConfig:
@@ -477,9 +778,18 @@ def load_linear(profile: str, sets: list[str] | None = None) -> LinearConfig:
     return linear_from_dict(raw, src, texts)
 
 
+def load_any(profile: str, sets: list[str] | None = None) -> Config | LinearConfig:
+    """Load a profile of either kind (its ``kind`` picks the loader), with --set overrides."""
+    raw, src, texts = _read_raw(profile, sets or [])
+    if _profile_kind(raw, src) == "linear-eval":
+        return linear_from_dict(raw, src, texts)
+    return from_dict(raw, src, texts, REQUIRED)
+
+
 def from_json(text: str, source: str = "checkpoint") -> Config:
     return from_dict(json.loads(text), source)
 
 
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def to_yaml(cfg: Config | LinearConfig) -> str:
+    """The resolved config as a profile that loads back to it (pretrain's has no ``kind``)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

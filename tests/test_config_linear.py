@@ -72,7 +72,7 @@ def test_user_file_errors_name_the_file(tmp_path: Path):
 
 def test_explicit_pretrain_kind_still_loads(tmp_path: Path):
     p = tmp_path / "pre.yaml"
-    p.write_text("kind: pretrain\ntrain: {epochs: 3}\n")
+    p.write_text("kind: pretrain\nextends: demo-cpu\ntrain: {epochs: 3}\n")
     assert config.load(str(p)).train.epochs == 3
 
 
