@@ -5,7 +5,16 @@ The backends are imported from their modules, not from here, so that importing t
 does not pull in torchvision or DALI.
 """
 
-from sslctl.data.readers import DecodeError, Sample, load_rgb, read_list_file, scan_imagefolder
+from sslctl.data.readers import (
+    MAX_IMAGE_PIXELS,
+    DecodeError,
+    Sample,
+    load_rgb,
+    quote,
+    read_list_file,
+    require_dir,
+    scan_imagefolder,
+)
 from sslctl.data.views import (
     EvalSpec,
     ViewSpec,
@@ -18,6 +27,7 @@ from sslctl.data.views import (
 )
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "DecodeError",
     "EvalSpec",
     "Sample",
@@ -28,7 +38,9 @@ __all__ = [
     "linear_train",
     "linear_val",
     "load_rgb",
+    "quote",
     "read_list_file",
     "reid",
+    "require_dir",
     "scan_imagefolder",
 ]

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from sslctl import UserError
+from sslctl.data.readers import quote
 
 VERSION = "digits-v2"
 CANVAS = 48  # pixels; the demo trains on 32-pixel crops of these
@@ -49,6 +50,14 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sslctl"
 
 
+def unwritable_cache(what: str, folder: Path, e: OSError) -> UserError:
+    """The one line for a cache folder sslctl cannot write (read-only, under a file, full)."""
+    why = e.strerror or type(e).__name__
+    return UserError(
+        f"cannot write {what} under {quote(folder)} ({why}); set SSLCTL_CACHE to a writable folder"
+    )
+
+
 def bundled_root() -> Path:
     """The folder holding train/ and val/ of the demo set, built on first use.
 
@@ -62,20 +71,20 @@ def bundled_root() -> Path:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{VERSION}.", dir=root.parent))
     except OSError as e:
-        raise UserError(
-            f"cannot create the demo data set under {root.parent} ({e.strerror}); "
-            f"set SSLCTL_CACHE to a writable folder"
-        ) from None
+        raise unwritable_cache("the demo data set", root.parent, e) from None
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a shared SSLCTL_CACHE must stay readable
-        _build(tmp)
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; a shared SSLCTL_CACHE must stay readable
+            _build(tmp)
+        except OSError as e:  # the disk filled up, the folder was made read-only meanwhile
+            raise unwritable_cache("the demo data set", root.parent, e) from None
         try:
             os.replace(tmp, root)
         except OSError as e:
             if not (root / "manifest.json").is_file():  # not a lost race: a real failure
                 raise UserError(
-                    f"cannot move the demo data set into {root} ({e.strerror}); if that folder "
-                    f"exists without a manifest.json it is an incomplete copy: delete it"
+                    f"cannot move the demo data set into {quote(root)} ({e.strerror}); if that "
+                    "folder exists without a manifest.json it is an incomplete copy: delete it"
                 ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

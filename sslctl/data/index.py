@@ -9,7 +9,10 @@ decoding (its crop parameters are drawn in Python, like the torchvision backend'
 Cache: ``index_path(root, list_file)`` = ``<cache>/index/<hash of root and list file>.npz``
 (``<cache>`` is $SSLCTL_CACHE, else $XDG_CACHE_HOME/sslctl, else ~/.cache/sslctl), so read-only
 data sets work. A file's record is reused while its path, size and mtime are unchanged; new or
-changed files are decoded again. The npz holds plain arrays (no pickle).
+changed files are decoded again. The npz holds plain arrays (no pickle). A reused record is
+judged again against this call's pixel limit (its width and height are recorded), so changing
+``max_image_pixels`` needs no rescan: a file now over it becomes "huge", one now under it is
+decoded. A cache folder that cannot be written is one UserError before any decoding.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -26,11 +30,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sslctl.checkpoint import atomic_write
-from sslctl.data.bundled import cache_dir
-from sslctl.data.readers import NOT_REGULAR, is_special_mode
+from sslctl.checkpoint import TMP_PREFIX, atomic_write
+from sslctl.data.bundled import cache_dir, unwritable_cache
+from sslctl.data.readers import (
+    MAX_IMAGE_PIXELS,
+    NOT_REGULAR,
+    frame_count,
+    is_special_mode,
+    pixel_problem,
+)
 
-VERSION = 1
+VERSION = 2  # 2: the kinds multi-frame and huge (codes moved)
 
 # Usable kinds first; the index's ``kind`` array holds positions in this tuple.
 KINDS = (
@@ -39,14 +49,20 @@ KINDS = (
     "cmyk",  # CMYK/YCCK JPEGs (ImageNet has 22): converted to RGB by both backends
     "png-named-jpeg",  # PNG content behind a .JPEG name (ImageNet has one)
     "misnamed",  # any other content/extension mismatch of a format both backends read
+    # Animated GIF/PNG/WebP, multi-page TIFF (MPO excepted: a camera JPEG, decoded as its first
+    # JPEG everywhere): the torchvision backend uses frame 0; DALI skips them, as its decoders'
+    # handling of later frames is not checked here.
+    "multi-frame",
+    "huge",  # over max_image_pixels, read from the header: never decoded, skipped
     "truncated",  # the header parses, the pixel data ends early or is corrupt
     "zero-byte",
     "not-an-image",  # no image format recognised
     "other-format",  # PIL reads it, DALI does not (GIF, ICO, ... behind an image extension)
-    "unreadable",  # cannot be stat'ed or opened (permissions, vanished, too many pixels, a FIFO)
+    "unreadable",  # cannot be stat'ed or opened (permissions, vanished, a FIFO)
 )
 USABLE = frozenset(KINDS[:5])
 KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_DECODED = np.array([KIND_CODE[k] for k in (*KINDS[:5], "multi-frame")])  # pixels were decoded
 
 # PIL format names of the formats DALI decodes (nvImageCodec: JPEG, PNG, BMP, PNM, TIFF, WebP,
 # JPEG 2000; MPO is a camera JPEG with extra frames appended, decoded as its first JPEG).
@@ -90,8 +106,9 @@ def _format_kind(path: str, fmt: str, mode: str) -> str:
     return "ok"
 
 
-def check_file(path: str) -> Check:
-    """Decode ``path`` fully (truncation shows only then) and classify it."""
+def check_file(path: str, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> Check:
+    """Decode ``path`` fully (truncation shows only then) and classify it; an image over
+    ``max_image_pixels`` (None: no limit) is "huge" from its header, never decoded."""
     try:
         st = os.stat(path)
         if is_special_mode(st.st_mode):
@@ -106,14 +123,22 @@ def check_file(path: str) -> Check:
             img = Image.open(fh)
         except UnidentifiedImageError:
             return Check("not-an-image", reason="no image format recognised")
-        except Exception as e:  # noqa: BLE001 - e.g. DecompressionBombError, a broken header
+        except Exception as e:  # noqa: BLE001 - e.g. a broken header
             return Check("unreadable", reason=str(e) or type(e).__name__)
         with img:
             w, h, fmt, mode = img.width, img.height, img.format or "", img.mode
+            problem = pixel_problem(w, h, max_image_pixels)
+            if problem:
+                return Check("huge", w, h, problem)
+            frames = frame_count(img)
             try:
+                img.seek(0)
                 img.load()
             except Exception as e:  # noqa: BLE001 - any failure while decoding pixels
                 return Check("truncated", w, h, str(e) or type(e).__name__)
+    if frames > 1:
+        why = f"{frames} frames: the torchvision backend uses the first, DALI skips the file"
+        return Check("multi-frame", w, h, why)
     return Check(_format_kind(path, fmt, mode), w, h)
 
 
@@ -251,13 +276,14 @@ def _decode_into(
     rec: _Records,
     threads: int,
     progress: Callable[[int], None] | None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> None:
     """Check the files at ``rows`` and write their verdicts into ``rec``."""
 
     def work(r: range) -> None:
         for j in r:
             i = int(rows[j])
-            c = check_file(paths[i])
+            c = check_file(paths[i], max_image_pixels)
             rec.kind[i], rec.width[i], rec.height[i] = KIND_CODE[c.kind], c.width, c.height
             if c.kind not in USABLE:
                 rec.reasons[rel[i]] = c.reason
@@ -342,6 +368,39 @@ def _reuse(old: ImageIndex, rel: Sequence[str], rec: _Records) -> np.ndarray:
     return np.flatnonzero(~same)
 
 
+def _apply_limit(
+    rec: _Records, rel: Sequence[str], todo: np.ndarray, max_image_pixels: int | None
+) -> tuple[np.ndarray, bool]:
+    """Judge reused records again against this pixel limit: decoded files now over it become
+    "huge" (not decoded again), "huge" ones now under it join ``todo``. Returns the new rows to
+    decode and whether any record changed."""
+    reused = np.ones(len(rel), bool)
+    reused[todo] = False
+    limit = np.iinfo(np.int64).max if max_image_pixels is None else max_image_pixels
+    pixels = rec.width.astype(np.int64) * rec.height.astype(np.int64)
+    huge = KIND_CODE["huge"]
+    over = reused & np.isin(rec.kind, _DECODED) & (pixels > limit)
+    under = reused & (rec.kind == huge) & (pixels <= limit)
+    for i in np.flatnonzero(over | (reused & (rec.kind == huge) & ~under)).tolist():
+        rec.kind[i] = huge  # the reason names this call's limit
+        rec.reasons[rel[i]] = pixel_problem(int(rec.width[i]), int(rec.height[i]), limit)
+    for i in np.flatnonzero(under).tolist():
+        rec.reasons.pop(rel[i], None)
+    return np.union1d(todo, np.flatnonzero(under)).astype(np.int64), bool(over.any() or under.any())
+
+
+def _require_writable(folder: Path) -> None:
+    """UserError naming ``folder`` unless a file can be created in it: checked before decoding,
+    so a read-only cache fails in a second, not after hours of decoding."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise unwritable_cache("the data index", folder, e) from None
+
+
 def build_index(
     paths: Sequence[str],
     root: str | os.PathLike[str],
@@ -350,12 +409,15 @@ def build_index(
     threads: int | None = None,
     rescan: bool = False,
     verify: bool = True,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> IndexBuild:
     """The index of ``paths`` (in their order), reusing the cached one at ``cache`` for files
     whose size and mtime are unchanged, decoding the rest, and saving it when anything changed.
 
     ``verify=False`` trusts a cached index built for exactly these paths without stat'ing
     them (for processes that wait while another one refreshed it); ``rescan`` ignores the cache.
+    Images over ``max_image_pixels`` (None: no limit) are of kind "huge", never decoded.
+    A cache folder that cannot be written is a UserError (set SSLCTL_CACHE), before decoding.
     """
     t0 = time.perf_counter()
     root_s = os.path.abspath(root)
@@ -369,6 +431,10 @@ def build_index(
     rec = _Records.empty(len(paths))
     _stat_all(paths, rec, threads)
     todo = _reuse(old, rel, rec) if old is not None else np.arange(len(paths))
+    todo, judged = _apply_limit(rec, rel, todo, max_image_pixels)
+    save = bool(len(todo)) or judged or old is None or old.rel != tuple(rel)
+    if save:
+        _require_writable(cache.parent)
     if len(todo):
         from sslctl import log
 
@@ -378,8 +444,13 @@ def build_index(
         )
         with log.make_progress("data check") as bar:
             task = bar.add_task("data check", total=len(todo), stats="")
-            _decode_into(paths, rel, todo, rec, threads, lambda k: bar.advance(task, k))
+            _decode_into(
+                paths, rel, todo, rec, threads, lambda k: bar.advance(task, k), max_image_pixels
+            )
     index = rec.freeze(root_s, rel)
-    if len(todo) or old is None or old.rel != tuple(rel):
-        save_index(index, cache)
+    if save:
+        try:
+            save_index(index, cache)
+        except OSError as e:  # e.g. the disk filled up while decoding
+            raise unwritable_cache("the data index", cache.parent, e) from None
     return IndexBuild(index, cache, len(todo), time.perf_counter() - t0)

@@ -8,12 +8,24 @@ Two things torchvision's walk does not survive are skipped and counted (``Skippe
 reached a second time (a symlink loop such as ``up -> ..`` never ends; ``self -> .`` repeats every
 image) and a FIFO, socket or device behind an image name (opening a FIFO blocks until a writer
 comes, i.e. forever).
+
+List files are checked where they are read: an entry that resolves outside the data root
+(``../..``, an absolute path, a symlink out) is refused unless ``allow_outside_root``; a label
+outside ``[-1, MAX_LABEL)`` is refused with its line; a path longer than any file system opens
+is skipped with one warning. Every path or line a message quotes goes through ``quote``.
+
+Pixel limit: PIL's own process-wide limit (``Image.MAX_IMAGE_PIXELS``: a raw
+DecompressionBombWarning at 89 M pixels, an error at 179 M, whatever the user configured) is
+switched off here, and every decoder in sslctl.data checks ``max_image_pixels`` itself, from the
+header (``Image.open`` is lazy) and before decoding: an image over it is never decoded.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +36,28 @@ from PIL import Image, UnidentifiedImageError
 
 from sslctl import UserError
 
+# Our check (pixel_problem) replaces PIL's: see the module docstring.
+Image.MAX_IMAGE_PIXELS = None
+
 Sample = tuple[str, int]
+
+# The default of data.max_image_pixels (and of `data check --max-image-pixels`): PIL's own
+# refusal threshold (2 × its 89,478,485-pixel warning), i.e. about 13,000 × 13,000; an RGB
+# image of that size takes 537 MB decoded.
+MAX_IMAGE_PIXELS = 178_956_970
+
+# List-file labels are class indices in [-1, MAX_LABEL): -1 is the usual "no label" mark (kept;
+# the evaluations refuse negative labels themselves); anything larger than ImageNet-21k's
+# 21,843 classes by far is a corrupt line, and would make kNN/linear evaluation allocate
+# that many classes (10^12 of them: a MemoryError) before saying anything.
+MAX_LABEL = 1_000_000
+MIN_LABEL = -1
+
+# Longer list-file paths cannot name a file (Linux PATH_MAX): such an entry is a corrupt line.
+MAX_PATH_CHARS = 4096
+
+QUOTE_LIMIT = 200  # characters of a path or line that a message quotes at most
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -34,6 +67,28 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 NOT_REGULAR = "not a regular file (FIFO, socket or device): never opened, reading one can block"
 
 _STAT_CHUNK = 4096  # list-file paths per stat task: few tasks for a million entries
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` (a path or a line) as it may appear in a one-line message: at most ``limit``
+    characters, then "… (N characters)" (a 50 MB list-file line prints 200 characters, not
+    50 MB), with control characters, line separators and undecodable bytes (surrogates from
+    the file system) escaped, so that a name holding a newline cannot split the line and one
+    holding an undecodable byte cannot make printing fail."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes | os.PathLike):
+        text = os.fsdecode(value)
+    else:
+        text = str(value)
+    shown = _CONTROL.sub(_escape_char, text[:limit])
+    if len(text) > limit or len(shown) > limit:
+        return f"{shown[:limit]}… ({len(text):,} characters)"
+    return shown
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    return m.group().encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def is_special_mode(mode: int) -> bool:
@@ -48,10 +103,11 @@ class Skipped:
 
     dir_links: int = 0  # directories reached again: symlink loops, two links to one folder
     special: int = 0  # FIFOs, sockets, devices named like images
+    long_paths: int = 0  # list-file entries longer than MAX_PATH_CHARS (no file has such a name)
 
     @property
     def total(self) -> int:
-        return self.dir_links + self.special
+        return self.dir_links + self.special + self.long_paths
 
     def describe(self) -> str:
         """One phrase for a warning or a report ('' when nothing was skipped)."""
@@ -66,25 +122,46 @@ class Skipped:
                 f"{self.special:,} image name(s) that are not regular files (FIFO, socket or "
                 "device; never opened)"
             )
+        if self.long_paths:
+            parts.append(
+                f"{self.long_paths:,} list entr{'y' if self.long_paths == 1 else 'ies'} with a "
+                f"path over {MAX_PATH_CHARS:,} characters (no file system opens one)"
+            )
         return " and ".join(parts)
+
+    def add(self, other: Skipped) -> None:
+        self.dir_links += other.dir_links
+        self.special += other.special
+        self.long_paths += other.long_paths
 
     def warn(self, where: str) -> None:
         if self.total:
-            from rich.markup import escape
+            _warn(f"{quote(where)}: skipped {self.describe()}")
 
-            from sslctl import log  # imported late: it pulls in torch via sslctl.dist
 
-            log.warn(escape(f"{where}: skipped {self.describe()}"))
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(key: str, msg: str) -> None:
+    """Print warning ``msg`` the first time ``key`` is seen in this process (rank 0 only)."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    _warn(msg)
 
 
 class DecodeError(UserError):
     """An image file that cannot be decoded (zero bytes, truncated, not an image, unreadable).
 
-    A UserError, so that evaluation commands stop with one line naming the file.
+    A UserError, so that evaluation commands stop with one line naming the file. ``kind`` is
+    "huge" for an image over the pixel limit (never decoded), "" otherwise.
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str = ""):
-        text = str(path)
+    def __init__(self, path: str | os.PathLike[str], reason: str = "", kind: str = ""):
+        text = os.fsdecode(path)
+        self.kind = kind
         if not reason and "\n" in text:
             # Re-raised in the main process by a DataLoader worker, which passes its formatted
             # traceback as the only argument: keep the original message (its last line).
@@ -93,10 +170,11 @@ class DecodeError(UserError):
             super().__init__(text)
             return
         self.path, self.reason = text, reason
-        super().__init__(f"cannot decode image {text}: {reason}" if reason else text)
+        msg = f"cannot decode image {quote(text)}: {quote(reason)}" if reason else quote(text)
+        super().__init__(msg)
 
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        return (DecodeError, (self.path, self.reason))
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (DecodeError, (self.path, self.reason, self.kind))
 
 
 def _is_image(name: str) -> bool:
@@ -192,17 +270,35 @@ class _Walk:
         return [[os.path.join(d, f) for d, files in sorted(w) for f in files] for w in walked]
 
 
-def _check_root(root: str | os.PathLike[str], what: str) -> Path:
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist (pass an existing directory)")
-    if not path.is_dir():
-        raise UserError(f"{what} {path} is not a directory")
-    return path
+def _stat_or_none(path: str | os.PathLike[str]) -> os.stat_result | None:
+    """os.stat, or None for a name that names nothing (missing, too long, a NUL byte)."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def require_dir(path: str | os.PathLike[str], what: str, hint: str = "") -> Path:
+    """``path`` as a Path when it is a directory; else a one-line UserError saying what it is.
+
+    ``what`` names it for the user (``--data``, "data folder"); ``hint`` is added in brackets
+    when it is a file (e.g. where a list file goes instead, in that command's words).
+    """
+    p = Path(path).expanduser()
+    st = _stat_or_none(p)
+    if st is None:
+        raise UserError(f"{what} {quote(p)} does not exist (pass an existing directory)")
+    if stat.S_ISDIR(st.st_mode):
+        return p
+    if stat.S_ISREG(st.st_mode):
+        raise UserError(
+            f"{what} {quote(p)} is a file, not a directory" + (f" ({hint})" if hint else "")
+        )
+    raise UserError(f"{what} {quote(p)} is not a directory")
 
 
 def scan_imagefolder(
-    root: str | os.PathLike[str], skipped: Skipped | None = None
+    root: str | os.PathLike[str], skipped: Skipped | None = None, *, hint: str = ""
 ) -> tuple[list[Sample], list[str]]:
     """Samples and class names of an ImageFolder tree ``root/<class>/**/<image>``.
 
@@ -211,12 +307,19 @@ def scan_imagefolder(
     one class named "" (label 0) — the usual layout of unlabelled pre-training data.
     Hidden files and folders are skipped (torchvision would make ``.ipynb_checkpoints`` a class).
     Directory links to a folder already read and non-regular files are skipped with a warning;
-    their counts are also added to ``skipped`` when given (for a report).
+    their counts are also added to ``skipped`` when given (for a report). ``hint`` is added to
+    the error for a file passed as ``root`` (where that command takes a list file).
     """
-    path = _check_root(root, "data folder")
-    with os.scandir(path) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    path = require_dir(root, "data folder", hint)
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(
+            f"cannot read data folder {quote(path)} ({e.strerror or type(e).__name__}); "
+            "check its permissions"
+        ) from None
+    classes = [e.name for e in entries if _is_dir(e) and not e.name.startswith(".")]
     found = Skipped()
     walked = _Walk(str(path), found).run([os.path.join(path, c) for c in classes])
     samples = [(p, label) for label, paths in enumerate(walked) for p in paths]
@@ -225,13 +328,13 @@ def scan_imagefolder(
         samples = [(p, 0) for p in _loose_images(entries, found)]
     found.warn(f"data folder {path}")
     if skipped is not None:
-        skipped.dir_links += found.dir_links
-        skipped.special += found.special
+        skipped.add(found)
     if not samples:
         exts = " ".join(IMAGE_EXTENSIONS)
         also = f"; skipped {found.describe()}" if found.total else ""
+        where = quote(path, 120)
         raise UserError(
-            f"no images found in {path} (expected {path}/<class>/<image> or images directly "
+            f"no images found in {where} (expected {where}/<class>/<image> or images directly "
             f"inside; extensions {exts}){also}"
         )
     return samples, classes
@@ -250,89 +353,247 @@ def _loose_images(entries: list[os.DirEntry[str]], skipped: Skipped) -> list[str
     return paths
 
 
-def _openable(paths: list[str]) -> list[bool]:
-    """Whether each path is not a FIFO, socket or device (one that cannot be stat'ed passes: the
-    decoder reports it). Stat'ed in threads: on a network file system each stat is a round trip,
-    and a list file may name a million images."""
-
-    def part(lo: int) -> list[bool]:
-        return [_openable_path(p) for p in paths[lo : lo + _STAT_CHUNK]]
-
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        parts = pool.map(part, range(0, len(paths), _STAT_CHUNK))
-        return [ok for chunk in parts for ok in chunk]
+_OK, _SPECIAL, _OUTSIDE = 0, 1, 2  # what _RootCheck.classify says of a list-file entry
 
 
-def _openable_path(path: str) -> bool:
-    try:
-        return not is_special_mode(os.stat(path).st_mode)
-    except (OSError, ValueError):  # missing, or a name stat refuses (a NUL byte): the decoder
-        return True  # reports it as unreadable, as before
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _RootCheck:
+    """Whether list-file entries are FIFOs/devices, and whether they lead out of the data root:
+    by their name (``../..``, an absolute path) or through a symlink (the file itself or a
+    folder on its way). Folders are resolved once each (a million entries share a thousand),
+    so an entry costs one lstat, like the stat it replaces."""
+
+    def __init__(self, base: Path, check_outside: bool):
+        self.check_outside = check_outside
+        self.lexical = os.path.abspath(base)
+        self.real = os.path.realpath(base)
+        self.dirs: dict[str, str] = {}  # folder → its real path; filled from several threads
+
+    def target(self, path: str, st: os.stat_result | None) -> str:
+        """Where ``path`` really leads (``st``: its lstat, None if it cannot be stat'ed)."""
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return os.path.realpath(path)
+        folder, name = os.path.split(os.path.abspath(path))
+        real = self.dirs.get(folder)
+        if real is None:
+            try:
+                real = os.path.realpath(folder)
+            except ValueError:  # a NUL byte: the entry names nothing, the decoder says so
+                real = folder
+            self.dirs[folder] = real
+        return os.path.join(real, name)
+
+    def classify(self, path: str) -> int:
+        try:
+            st: os.stat_result | None = os.lstat(path)
+        except (OSError, ValueError):  # missing, or a name lstat refuses (a NUL byte)
+            st = None
+        if self.check_outside and not (
+            _under(os.path.abspath(path), self.lexical) and _under(self.target(path, st), self.real)
+        ):
+            return _OUTSIDE
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            st = _stat_or_none(path)  # a dangling link passes: the decoder reports it
+        return _SPECIAL if st is not None and is_special_mode(st.st_mode) else _OK
+
+    def classify_all(self, paths: list[str]) -> list[int]:
+        """classify() of each path, in threads: on a network file system each stat is a round
+        trip, and a list file may name a million images."""
+
+        def part(lo: int) -> list[int]:
+            return [self.classify(p) for p in paths[lo : lo + _STAT_CHUNK]]
+
+        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+            parts = pool.map(part, range(0, len(paths), _STAT_CHUNK))
+            return [code for chunk in parts for code in chunk]
+
+
+_Entry = tuple[int, str, int]  # (line number, path as written, label)
 
 
 def read_list_file(
     list_path: str | os.PathLike[str],
     root: str | os.PathLike[str],
     skipped: Skipped | None = None,
+    *,
+    allow_outside_root: bool = False,
 ) -> list[Sample]:
     """Samples from a list file of ``relative/path.JPEG label`` lines, paths relative to ``root``.
 
-    The label is optional (default 0). Blank lines and lines starting with ``#`` are skipped.
-    A path may contain spaces when a label follows it (the label is the last field).
-    Entries naming a FIFO, socket or device are left out with a warning (and counted in
-    ``skipped`` when given).
+    The label is optional (default 0) and must lie in [-1, MAX_LABEL) (-1: no label). Blank
+    lines and lines starting with ``#`` are skipped. A path may contain spaces when a label
+    follows it (the label is the last field).
+    Refused with the count and the first offending line: entries that lead outside ``root``
+    (``../``, absolute paths, symlinks out), unless ``allow_outside_root`` (then absolute paths
+    are taken as they are). Left out with one warning each kind (and counted in ``skipped``
+    when given): entries naming a FIFO, socket or device, and paths too long to name a file.
     """
+    lp = _list_path(list_path)
+    base = require_dir(root, "data root")
+    entries = _drop_long(_parse_list(lp, _read_list_text(lp)), lp, skipped)
+    if not entries:
+        raise UserError(f"list file {quote(lp)} has no entries")
+    paths = [str(base / rel) for _, rel, _ in entries]
+    check = _RootCheck(base, check_outside=not allow_outside_root)
+    codes = check.classify_all(paths)
+    outside = [i for i, c in enumerate(codes) if c == _OUTSIDE]
+    if outside:
+        raise _outside_error(lp, entries[outside[0]], paths[outside[0]], len(outside), check)
+    samples = [(p, e[2]) for p, e in zip(paths, entries, strict=True)]
+    samples, lines = _drop_special(samples, [e[0] for e in entries], codes, lp, skipped)
+    if not os.path.exists(samples[0][0]):
+        raise UserError(
+            f"{quote(lp, 80)}, line {lines[0]}: {quote(samples[0][0], 120)} not found; paths in "
+            f"a list file are relative to the data root {quote(base, 80)}"
+        )
+    return samples
+
+
+def _list_path(list_path: str | os.PathLike[str]) -> Path:
     lp = Path(list_path).expanduser()
-    if not lp.is_file():
-        raise UserError(f"list file {lp} not found")
-    base = _check_root(root, "data root")
-    samples: list[Sample] = []
+    st = _stat_or_none(lp)
+    if st is None:
+        raise UserError(f"list file {quote(lp)} not found")
+    if not stat.S_ISREG(st.st_mode):  # a folder; a FIFO would block the read for ever
+        raise UserError(
+            f"list file {quote(lp)} is not a regular file; pass a text file of "
+            "'relative/path label' lines"
+        )
+    return lp
+
+
+def _read_list_text(lp: Path) -> str:
     try:
-        text = lp.read_text(encoding="utf-8")
+        return lp.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
-            f"{lp}: not a UTF-8 text list file (byte {e.start}); expected 'relative/path label' lines"
+            f"{quote(lp)}: not a UTF-8 text list file (byte {e.start}); expected 'relative/path "
+            "label' lines"
         ) from None
+    except OSError as e:
+        raise UserError(f"cannot read list file {quote(lp)} ({e.strerror or e})") from None
+
+
+def _parse_list(lp: Path, text: str) -> list[_Entry]:
+    entries: list[_Entry] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
-        label = 0
-        if len(parts) == 2:
-            try:
-                label = int(parts[1])
-            except ValueError:
-                raise UserError(
-                    f"{lp}, line {lineno}: expected 'relative/path [integer label]', got {line!r}"
-                ) from None
-        samples.append((str(base / parts[0]), label))
-    if not samples:
-        raise UserError(f"list file {lp} has no entries")
-    samples = _drop_special(samples, lp, skipped)
-    if not os.path.exists(samples[0][0]):
+        label = _label(parts[1], lp, lineno, line) if len(parts) == 2 else 0
+        entries.append((lineno, parts[0], label))
+    return entries
+
+
+def _label(field: str, lp: Path, lineno: int, line: str) -> int:
+    try:
+        label = int(field)
+    except ValueError:
         raise UserError(
-            f"{lp}, line 1 of the entries: {samples[0][0]} not found; paths in a list file are "
-            f"relative to the data root {base}"
+            f"{quote(lp, 100)}, line {lineno}: expected 'relative/path' or 'relative/path LABEL' (LABEL an integer), got "
+            f"'{quote(line, 100)}'"
+        ) from None
+    if not MIN_LABEL <= label < MAX_LABEL:
+        raise UserError(
+            f"{quote(lp, 100)}, line {lineno}: label {quote(field, 40)} is not a class index "
+            f"({MIN_LABEL}..{MAX_LABEL - 1:,}; -1 = no label): fix the line or the list"
         )
-    return samples
+    return label
 
 
-def _drop_special(samples: list[Sample], lp: Path, skipped: Skipped | None) -> list[Sample]:
-    keep = _openable([p for p, _ in samples])
-    found = Skipped(special=keep.count(False))
+def _drop_long(entries: list[_Entry], lp: Path, skipped: Skipped | None) -> list[_Entry]:
+    """Entries whose path no file system opens (a corrupt line, perhaps megabytes long), left
+    out with one warning quoting the first one, shortened."""
+    long = [e for e in entries if len(e[1]) > MAX_PATH_CHARS]
+    if not long:
+        return entries
+    found = Skipped(long_paths=len(long))
+    _warn(
+        f"list file {quote(lp, 100)}: skipped {found.describe()} (first: line {long[0][0]}, "
+        f"{quote(long[0][1], 60)})"
+    )
+    if skipped is not None:
+        skipped.add(found)
+    return [e for e in entries if len(e[1]) <= MAX_PATH_CHARS]
+
+
+def _outside_error(lp: Path, entry: _Entry, path: str, n: int, check: _RootCheck) -> UserError:
+    lineno, rel, _ = entry
+    by_name = not _under(os.path.abspath(path), check.lexical)
+    via = "" if by_name else " through a symlink"
+    many = f"{n:,} such entries" if n > 1 else "1 such entry"
+    return UserError(
+        f"list file {quote(lp, 80)}, line {lineno}: {quote(rel, 80)} is outside the data "
+        f"root{via} ({many}); use paths under the root, or set data.allow_outside_root=true"
+    )
+
+
+def _drop_special(
+    samples: list[Sample], lines: list[int], codes: list[int], lp: Path, skipped: Skipped | None
+) -> tuple[list[Sample], list[int]]:
+    """Samples (and their line numbers) without the FIFOs, sockets and devices."""
+    found = Skipped(special=codes.count(_SPECIAL))
     found.warn(f"list file {lp}")
     if skipped is not None:
-        skipped.special += found.special
+        skipped.add(found)
     if len(samples) == found.special:
         raise UserError(
-            f"list file {lp}: every entry names a FIFO, socket or device, not an image file "
-            "(list regular image files)"
+            f"list file {quote(lp)}: every entry names a FIFO, socket or device, not an image "
+            "file (list regular image files)"
         )
-    return [s for s, ok in zip(samples, keep, strict=True) if ok]
+    keep = [i for i, c in enumerate(codes) if c != _SPECIAL]
+    return [samples[i] for i in keep], [lines[i] for i in keep]
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+def _warn(msg: str) -> None:
+    """A warning as one line, however long (soft-wrapped: a log keeps it whole), rank 0 only."""
+    from rich.markup import escape
+
+    from sslctl import dist, log  # imported late: they pull in torch
+
+    if dist.is_main():
+        log.console.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True)
+
+
+def pixel_problem(width: int, height: int, max_image_pixels: int | None) -> str:
+    """Why a width×height image is not decoded ("" when it may be): over ``max_image_pixels``
+    (None: no limit). Sizes come from the header, so nothing has been allocated yet."""
+    if max_image_pixels is None or width * height <= max_image_pixels:
+        return ""
+    return (
+        f"{width:,}×{height:,} = {width * height:,} pixels, over the limit of "
+        f"{max_image_pixels:,} (max_image_pixels); not decoded"
+    )
+
+
+def frame_count(img: Image.Image) -> int:
+    """Frames in an opened image (1 for still formats, and for MPO: a camera JPEG whose extra
+    frames are previews or a second view, decoded as its first JPEG by every decoder)."""
+    if img.format == "MPO":
+        return 1
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - a broken later frame: the first one is what is decoded
+        return 1
+
+
+def _is_multi_frame(img: Image.Image) -> bool:
+    if img.format == "MPO":
+        return False
+    try:
+        animated = getattr(img, "is_animated", None)  # cheaper than n_frames (a GIF's scan)
+    except Exception:  # noqa: BLE001 - see frame_count
+        return False
+    return frame_count(img) > 1 if animated is None else bool(animated)
+
+
+def load_rgb(
+    path: str | os.PathLike[str], max_image_pixels: int | None = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Decode an image file to an 8-bit RGB PIL image, or raise DecodeError.
 
     The format is detected from the content, not the extension (a PNG named .JPEG decodes).
@@ -342,11 +603,23 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     without compositing (the colour under transparent pixels is kept), exactly as
     torchvision's ImageFolder loader does, so features match the reference pipelines.
     16-bit images are scaled to 8 bits rather than clipped. EXIF orientation is ignored, as in
-    torchvision.
+    torchvision. An image over ``max_image_pixels`` (None: no limit) is refused from its header
+    (DecodeError of kind "huge"), before anything is allocated. Of an animated or multi-page
+    file the first frame is used, as torchvision's loader does (warned once per process).
     """
     _refuse_special(path)
     try:
         with Image.open(path) as img:
+            problem = pixel_problem(img.width, img.height, max_image_pixels)
+            if problem:
+                raise DecodeError(path, problem, kind="huge")
+            if _is_multi_frame(img):
+                img.seek(0)  # probing for a second frame may have moved it
+                warn_once(
+                    "multi-frame",
+                    f"{quote(path)} has several frames (animated or multi-page): its first frame "
+                    "is used; other such files are not reported ('sslctl data check' counts them)",
+                )
             img.load()
             return _to_rgb(img)
     except UnidentifiedImageError:
@@ -355,7 +628,15 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
             path, "empty file" if empty else "not an image format PIL reads"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise DecodeError(path, str(e) or type(e).__name__) from None
+        raise DecodeError(path, _reason(e)) from None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a reason, without the file name an OSError repeats (a path quoted
+    twice, in full: a 50 MB name would print 100 MB)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
 
 
 def _refuse_special(path: str | os.PathLike[str]) -> None:

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 
 from sslctl import UserError, dist, log
 from sslctl.config import Config
-from sslctl.data.readers import Sample, read_list_file, scan_imagefolder
+from sslctl.data.readers import (
+    MAX_IMAGE_PIXELS,
+    Sample,
+    quote,
+    read_list_file,
+    require_dir,
+    scan_imagefolder,
+)
 from sslctl.data.views import ViewSpec, byol_views
 from sslctl.dist import DistInfo
 
@@ -35,12 +42,21 @@ if TYPE_CHECKING:
 
 CPU_AUTO = "torchvision"
 
+# Where pre-training takes a list file, for the error on a file given as --data.
+LIST_FILE_HINT = "for a list file use --set data.list_file=PATH, with --data its root folder"
+
+
+def data_folder(data: Path) -> Path:
+    """Pre-training's ``--data`` (or data.root) checked: a missing folder, or a file where the
+    folder is expected (a list file passed as --data), is one line saying what to do."""
+    return require_dir(data, "--data", LIST_FILE_HINT)
+
 
 def read_samples(cfg: Config, root: Path) -> list[Sample]:
     lst = _list_file(cfg, root)
     if lst is not None:
-        return read_list_file(lst, root)
-    samples, _ = scan_imagefolder(root)
+        return read_list_file(lst, root, allow_outside_root=cfg.data.allow_outside_root)
+    samples, _ = scan_imagefolder(root, hint=LIST_FILE_HINT)
     return samples
 
 
@@ -50,7 +66,7 @@ def _list_file(cfg: Config, root: Path) -> Path | None:
     lst = Path(cfg.data.list_file)
     lst = lst if lst.is_absolute() else root / lst
     if not lst.is_file():
-        raise UserError(f"data.list_file {lst}: no such file")
+        raise UserError(f"data.list_file {quote(lst)}: no such file")
     return lst
 
 
@@ -83,14 +99,14 @@ def resolve_backend(
         log.warn(
             f"data.backend auto: DALI is installed but cannot decode on this GPU ({problem}); "
             "using the torchvision loader (CPU decoding, far slower here) — install the DALI "
-            "build for this CUDA (`pip install 'sslctl\\[dali-cuda12]'` for a CUDA 12 driver)"
+            "build for this CUDA (`pip install 'sslctl[dali-cuda12]'` for a CUDA 12 driver)"
         )
         return "torchvision"
     if cuda:
         log.warn(
             "data.backend auto: DALI is not installed, so images are decoded on the CPU by the "
             "torchvision loader (slower end to end than DALI on a GPU, BENCHMARKS.md); "
-            "`pip install 'sslctl\\[dali]'` decodes them on the GPU"
+            "`pip install 'sslctl[dali]'` decodes them on the GPU"
         )
     return "dali" if CPU_AUTO == "dali" and have else "torchvision"
 
@@ -100,7 +116,7 @@ def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
     samples = read_samples(cfg, root)
     if not samples:
         raise UserError(
-            f"--data {root}: no images found (expected class folders of .jpg/.png files)"
+            f"--data {quote(root)}: no images found (expected class folders of .jpg/.png files)"
         )
     specs = byol_views(cfg.data.image_size, cfg.data.crop_scale_min)
     cuda = di.device.type == "cuda"
@@ -125,27 +141,49 @@ def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
         workers=cfg.data.workers,
         pin_memory=cfg.data.pin_memory and cuda,
         normalize_on=di.device if cuda else None,  # uint8 over PCIe, normalised on the GPU
+        max_image_pixels=cfg.data.max_image_pixels,
     )
 
 
+# Kinds the DALI backend skips that a user may not expect to lose: warned with a count.
+SKIPPED_KINDS = {
+    "huge": "image(s) over data.max_image_pixels (never decoded)",
+    "multi-frame": "multi-frame image(s) (animated or multi-page)",
+}
+
+
 def prepare_index(
-    samples: list[Sample], root: Path, list_file: Path | None, di: DistInfo
+    samples: list[Sample],
+    root: Path,
+    list_file: Path | None,
+    di: DistInfo,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ImageIndex:
     """The preflight index of ``samples``, built or refreshed once per node: local rank 0
-    checks (decoding only new or changed files), the other ranks wait and read its result."""
+    checks (decoding only new or changed files), the other ranks wait and read its result.
+    Huge and multi-frame files (skipped by DALI) get one warning each kind: the count and the
+    first one."""
     from sslctl.data.index import build_index, index_path
 
     cache = index_path(root, list_file or "")
     paths = [p for p, _ in samples]
-    built = build_index(paths, root, cache) if di.local_rank == 0 else None
+    limit = max_image_pixels
+    built = build_index(paths, root, cache, max_image_pixels=limit) if di.local_rank == 0 else None
     dist.barrier_long()  # the first scan of ImageNet takes longer than a collective's timeout
     if built is None:
-        built = build_index(paths, root, cache, verify=False)
-    counts = {k: v for k, v in built.index.counts().items() if v and k != "ok"}
-    usable = int(built.index.usable().sum())
+        built = build_index(paths, root, cache, verify=False, max_image_pixels=limit)
+    index = built.index
+    counts = {k: v for k, v in index.counts().items() if v and k != "ok"}
+    usable = int(index.usable().sum())
     odd = ", ".join(f"{v:,} {k}" for k, v in counts.items()) or "none"
     log.info(f"data index {cache}: {usable:,} of {len(paths):,} images usable; odd files: {odd}")
-    return built.index
+    for kind, what in SKIPPED_KINDS.items():
+        files = index.files_of([kind]) if counts.get(kind) else []
+        if files:
+            path, _, why = files[0]
+            first = f"{quote(path, 120)}; {quote(why, 120)}"
+            log.warn(f"data: {len(files):,} {what}, skipped (first: {first})")
+    return index
 
 
 def _dali_loader(
@@ -154,7 +192,9 @@ def _dali_loader(
     from sslctl.data.dali import DaliOptions, DaliPretrainLoader
 
     cuda = di.device.type == "cuda"
-    index = prepare_index(samples, root, _list_file(cfg, root), di)
+    index = prepare_index(
+        samples, root, _list_file(cfg, root), di, max_image_pixels=cfg.data.max_image_pixels
+    )
     threads = max(1, cfg.data.workers)
     opts = DaliOptions(
         threads=threads,

@@ -37,7 +37,14 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torchvision import transforms as T
 
 from sslctl import STOP_SIGNALS, UserError
-from sslctl.data.readers import DecodeError, Sample, load_rgb
+from sslctl.data.readers import (
+    MAX_IMAGE_PIXELS,
+    DecodeError,
+    Sample,
+    load_rgb,
+    pixel_problem,
+    quote,
+)
 from sslctl.data.views import EvalSpec, ViewSpec
 from sslctl.log import console
 
@@ -287,12 +294,21 @@ class PretrainDataset(Dataset):
     index+1, index+2, … (mod n) is used instead, with the views still seeded by the original
     (epoch, index), so substitution is deterministic. ``substituted`` lets the loader count
     replacements in the main process, which worker processes cannot report otherwise.
+    Images over ``max_image_pixels`` are skipped the same way, never decoded, with one warning
+    per process for all of them (the first one's path; ``sslctl data check`` counts them).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: TwoViewTransform, seed: int = 0):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: TwoViewTransform,
+        seed: int = 0,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    ):
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
+        self.max_image_pixels = max_image_pixels
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -307,25 +323,42 @@ class PretrainDataset(Dataset):
         for offset in range(n):
             path = self.samples[(index + offset) % n][0]
             try:
-                img = load_rgb(path)
+                img = load_rgb(path, self.max_image_pixels)
             except DecodeError as e:
-                if path not in self._warned:
-                    self._warned.add(path)
-                    msg = escape(f"{e}; using the next image instead")
-                    console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
+                self._warn(path, e)
                 continue
             v1, v2 = self.transform(img, sample_rng(self.seed, epoch, index))
             return v1, v2, offset > 0
-        raise UserError(f"none of the {n} images could be decoded (first: {self.samples[0][0]})")
+        raise UserError(
+            f"none of the {n} images could be decoded (first: {quote(self.samples[0][0])})"
+        )
+
+    def _warn(self, path: str, e: DecodeError) -> None:
+        """Once per file; once for all the huge ones (there may be thousands)."""
+        key = f"kind:{e.kind}" if e.kind else path
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        more = (
+            "; other images over the limit are skipped without a warning each ('sslctl data "
+            "check' counts them)"
+            if e.kind
+            else ""
+        )
+        msg = escape(f"{e}; using the next image instead{more}")
+        console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
 
 def preflight(
-    samples: Sequence[Sample], full: bool = False, threads: int = 8
+    samples: Sequence[Sample],
+    full: bool = False,
+    threads: int = 8,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Split samples into (readable, [(path, reason)]) before training.
 
     ``full=False`` parses headers only (PIL's ``verify``; fast: catches missing, zero-byte and
-    non-image files, and PNG checksum errors);
+    non-image files, images over ``max_image_pixels``, and PNG checksum errors);
     ``full=True`` decodes every pixel (also catches truncated files; at roughly 1 ms an image
     it is for small or suspicious data sets). Threads overlap file-system latency.
     """
@@ -333,9 +366,12 @@ def preflight(
     def check(sample: Sample) -> str:
         try:
             if full:
-                load_rgb(sample[0])
+                load_rgb(sample[0], max_image_pixels)
             else:
                 with Image.open(sample[0]) as img:
+                    problem = pixel_problem(img.width, img.height, max_image_pixels)
+                    if problem:
+                        return problem
                     img.verify()
         except DecodeError as e:
             return e.reason
@@ -395,16 +431,18 @@ class PretrainLoader:
         workers: int = 0,
         pin_memory: bool = False,
         normalize_on: torch.device | None = None,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         """``normalize_on``: workers ship uint8 views (4× less memory and host→device traffic)
-        and each batch is moved there and normalised (a CUDA device in training)."""
+        and each batch is moved there and normalised (a CUDA device in training).
+        ``max_image_pixels``: larger images are skipped, never decoded (data.max_image_pixels)."""
         if batch_size < 1 or world < 1 or not 0 <= rank < world:
             raise ValueError(f"bad loader geometry: batch {batch_size}, rank {rank}, world {world}")
         self.samples = list(samples)
         self.batch_size = batch_size
         self.normalize_on = normalize_on
         transform = TwoViewTransform(*spec_pair, uint8=normalize_on is not None)
-        self.dataset = PretrainDataset(self.samples, transform, seed)
+        self.dataset = PretrainDataset(self.samples, transform, seed, max_image_pixels)
         self.sampler: DistributedSampler[int] = DistributedSampler(
             self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -475,17 +513,24 @@ def eval_transform(spec: EvalSpec) -> Callable[[Image.Image], Tensor]:
 
 
 class EvalDataset(Dataset):
-    """(tensor, label, index) per sample; an unreadable image raises DecodeError (evaluation
-    must not silently change its data set)."""
+    """(tensor, label, index) per sample; an unreadable image, or one over
+    ``max_image_pixels``, raises DecodeError (evaluation must not silently change its data
+    set)."""
 
-    def __init__(self, samples: Sequence[Sample], spec: EvalSpec):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        spec: EvalSpec,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    ):
         self.samples = list(samples)
         self.spec = spec
         self.transform = eval_transform(spec)
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label, index
+        return self.transform(load_rgb(path, self.max_image_pixels)), label, index
