@@ -52,3 +52,30 @@ def make_backbone(path: Path, seed: int = 0) -> Path:
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(path))
     return path
+
+
+def make_sysu(root: Path, n_ids: int = 3, flat: bool = False) -> Path:
+    """SYSU-30k test tree: query/<id>/<id>_c2_2.jpg, gallery/<id>/<id>_c1_1.jpg and two
+    distractors in gallery/0000others/ (``flat``: every file directly in query/ and gallery/)."""
+    for pid in range(28311, 28311 + n_ids):
+        token = f"{pid:09d}"
+        sub = "" if flat else token
+        write_image(root / "query" / sub / f"{token}_c2_2.jpg", seed=pid % 100)
+        write_image(root / "gallery" / sub / f"{token}_c1_1.jpg", seed=pid % 100 + 50)
+    for i in range(2):
+        sub = "" if flat else "0000others"
+        write_image(root / "gallery" / sub / f"0000others_c1_{i}.jpg", seed=200 + i)
+    return root
+
+
+def write_features(
+    path: Path, feats: list, ids: list[int], cams: list[int], meta: dict[str, str] | None = None
+) -> Path:
+    """A features file as another tool would write it: the three tensors, optional metadata."""
+    tensors = {
+        "features": torch.as_tensor(feats, dtype=torch.float32),
+        "ids": torch.as_tensor(ids, dtype=torch.int64),
+        "cameras": torch.as_tensor(cams, dtype=torch.int64),
+    }
+    save_file(tensors, str(path), metadata=meta)
+    return path

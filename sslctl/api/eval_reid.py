@@ -1,10 +1,13 @@
 """``sslctl eval-reid``: person re-identification evaluation with cached features and ranks.
 
-Flow: features (from the cache in OUT/features/, or extracted with torchrun sharding, or given
+Flow: ``validate`` (every option, the input paths, --out; the layout detected when not given)
+→ features (from the cache in OUT/features/, or extracted with torchrun sharding, or given
 as --query-features/--gallery-features) → positive ranks (cached in OUT/ranks.safetensors,
-keyed by both features digests) → CMC / mAP / mINP → results.json, cmc.png. Changing the AP
-definition, denominator, tie rule or max rank re-uses both caches and never recomputes scores.
-Defaults of the fusion, precision, AP and denominator depend on the layout (``layout_defaults``).
+keyed by both features digests) → CMC / mAP / mINP → results.json and cmc.png (the latest
+run) plus results-<options hash>.json and cmc-<options hash>.png (kept per set of options).
+Changing the AP definition, denominator, tie rule or max rank re-uses both caches and never
+recomputes scores. Defaults of the fusion, precision, AP and denominator depend on the layout
+(``layout_defaults``).
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import sslctl
-from sslctl import UserError, checkpoint, dist, log, rundir
+from sslctl import UserError, checkpoint, dist, log, paths_as_path, rundir
 from sslctl.backbones import load_backbone
-from sslctl.convert.weights import read_backbone
+from sslctl.convert.weights import PARTS, read_backbone
 from sslctl.eval import reid_features as rf
 from sslctl.eval import reid_layouts as rl
 from sslctl.eval import reid_metrics as rmx
@@ -48,6 +51,18 @@ SYSU30K_REFERENCE = {
 # Every other layout: torchreid / fast-reid choices; "auto" precision is then bf16 on CUDA.
 DEFAULTS = {"flip_fusion": "sum", "precision": "auto", "ap": "standard", "denominator": "valid"}
 RANKS_FORMAT = "sslctl-reid-ranks/1"
+# Options that cannot change the numbers: left out of the hash naming results-<hash>.json, so
+# that reruns differing only in these overwrite each other's file instead of piling up.
+NOT_HASHED = (
+    "out",
+    "workers",
+    "batch_size",
+    "mem_budget",
+    "recompute",
+    "cmc_log_x",
+    "trust_pickle",
+    "device",  # the numbers follow the precision (an option, hashed), not the device's name
+)
 
 
 @dataclass(frozen=True)
@@ -79,15 +94,22 @@ class EvalReidOptions:
     cache_dtype: str = "fp32"
     recompute: bool = False
     compat: str | None = None
+    cmc_log_x: bool = False  # logarithmic rank axis in cmc.png
+    trust_pickle: bool = False  # allow a .pth that needs full unpickling (runs code in it)
+
+    def __post_init__(self) -> None:
+        paths_as_path(self)  # str and os.PathLike paths from Python callers
 
 
 @dataclass(frozen=True)
 class EvalReidResult:
     results: dict[str, Any]  # the content of results.json ({} on ranks other than 0)
-    results_path: Path | None
-    plot_path: Path | None
+    results_path: Path | None  # OUT/results.json: the latest run
+    plot_path: Path | None  # OUT/cmc.png
     extracted: tuple[str, ...]  # splits whose features were computed in this call
     ranks_cached: bool
+    run_results_path: Path | None = None  # OUT/results-<options hash>.json: this run's options
+    run_plot_path: Path | None = None  # OUT/cmc-<options hash>.png
 
 
 def layout_defaults(layout: str | None) -> dict[str, str]:
@@ -107,10 +129,37 @@ def _defaults_layout(o: EvalReidOptions) -> str | None:
     return o.layout
 
 
+def _check_choices(o: EvalReidOptions) -> None:
+    """Every option that needs no file: a mistake fails here, before any work is done."""
+    for flag, value, known in (
+        ("--compat", o.compat, tuple(COMPAT)),
+        ("--layout", o.layout, rl.LAYOUTS),
+        ("--ap", o.ap, rmx.AP_DEFINITIONS),
+        ("--denominator", o.denominator, rmx.DENOMINATORS),
+        ("--ties", o.ties, rmx.TIE_RULES),
+        ("--metric", o.metric, rmx.SCORE_METRICS),
+        ("--precision", o.precision, PRECISIONS),
+        ("--flip-fusion", o.flip_fusion, FUSIONS),
+        ("--cache-dtype", o.cache_dtype, tuple(rf.CACHE_DTYPES)),
+        ("--part", o.part, PARTS),
+    ):
+        if value is not None and value not in known:
+            raise UserError(f"{flag} must be one of {', '.join(known)}, got {str(value)[:40]!r}")
+    for flag, number in (
+        ("--max-rank", o.max_rank),
+        ("--batch-size", o.batch_size),
+        ("--mem-budget", o.mem_budget),
+    ):
+        if number < 1:
+            raise UserError(f"{flag} must be a positive number, got {number}")
+    if o.workers is not None and o.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {o.workers}")
+    if o.camera_regex is not None:
+        rl.camera_pattern(o.camera_regex)
+
+
 def _resolve(o: EvalReidOptions) -> EvalReidOptions:
-    """Fill defaults (explicit flag, then --compat, then the layout's) and check choices."""
-    if o.compat is not None and o.compat not in COMPAT:
-        raise UserError(f"--compat must be one of {', '.join(COMPAT)}, got '{o.compat}'")
+    """Fill defaults (explicit flag, then --compat, then the layout's); choices checked first."""
     preset = COMPAT.get(o.compat or "", {})
     defaults = layout_defaults(_defaults_layout(o))
 
@@ -118,23 +167,71 @@ def _resolve(o: EvalReidOptions) -> EvalReidOptions:
         value = getattr(o, key)
         return str(value if value != unset else preset.get(key, defaults[key]))
 
-    o = replace(
+    return replace(
         o,
         ap=pick("ap"),
         denominator=pick("denominator"),
         flip_fusion=pick("flip_fusion"),
         precision=pick("precision", unset="auto"),
     )
-    if o.flip_fusion not in FUSIONS:
-        raise UserError(f"--flip-fusion must be one of {', '.join(FUSIONS)}, got '{o.flip_fusion}'")
-    if o.precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{o.precision}'")
-    if o.cache_dtype not in rf.CACHE_DTYPES:
-        raise UserError(f"--cache-dtype must be one of {', '.join(rf.CACHE_DTYPES)}")
-    if o.max_rank < 1 or o.batch_size < 1 or o.mem_budget < 1:
-        raise UserError("--max-rank, --batch-size and --mem-budget must be positive")
-    if o.metric not in rmx.SCORE_METRICS:
-        raise UserError(f"--metric must be one of {', '.join(rmx.SCORE_METRICS)}")
+
+
+def _check_inputs(o: EvalReidOptions) -> EvalReidOptions:
+    """Input paths exist and fit together; the layout is detected when not given (said on the
+    console). Returns the options with the layout set."""
+    if o.query_features is not None or o.gallery_features is not None:
+        if o.query_features is None or o.gallery_features is None:
+            raise UserError("give both --query-features and --gallery-features")
+        images = (o.weights, o.data, o.query, o.gallery)
+        if any(p is not None for p in images):
+            raise UserError(
+                "--query-features/--gallery-features replace WEIGHTS and the image folders: "
+                "give one or the other"
+            )
+        given = (("--query-features", o.query_features), ("--gallery-features", o.gallery_features))
+        for flag, path in given:
+            if not path.is_file():
+                raise UserError(f"{flag} {path}: no such file (a features .safetensors)")
+        return o
+    if o.weights is None:
+        raise UserError(
+            "give WEIGHTS (a checkpoint, extracted backbone or torchvision .pth), "
+            "or --query-features and --gallery-features"
+        )
+    if not o.weights.exists() and not (o.weights.name == "last" and o.weights.parent.is_dir()):
+        raise UserError(
+            f"WEIGHTS {o.weights}: no such file or directory; give a checkpoint (file, run dir "
+            "or …/last), an extracted backbone or a torchvision .pth"
+        )
+    layout = o.layout
+    if layout is None:
+        layout, why = rl.detect_layout(o.data, o.query, o.gallery)
+        log.info(f"layout: {layout} (detected: {why}; --layout overrides)")
+    qroot, groot = rl.resolve_roots(layout, o.data, o.query, o.gallery)
+    for what, root in (("query", qroot), ("gallery", groot)):
+        if not root.is_dir():
+            raise UserError(f"{what} folder {root} does not exist or is not a directory")
+    return replace(o, layout=layout)
+
+
+def _check_out(out: Path) -> None:
+    """--out is (or can become) a writable folder; rank 0 only, as only rank 0 writes there."""
+    if out.exists() and not out.is_dir():
+        raise UserError(
+            f"--out {out} is an existing file, not a folder: choose a folder path (it will "
+            "hold results.json, cmc.png, features/ and the ranks cache)"
+        )
+    rundir.check_writable(out)
+
+
+def validate(opts: EvalReidOptions) -> EvalReidOptions:
+    """Every check that needs no weights, features or ranking, as the first thing a run does
+    (on SYSU-30k the work behind a late refusal is hours): the options resolved."""
+    _check_choices(opts)
+    dist.check_device(opts.device)
+    o = _resolve(_check_inputs(opts))
+    if dist.is_main():
+        _check_out(o.out)
     return o
 
 
@@ -147,13 +244,8 @@ def _report_labels(layout: str, q: Any, g: Any) -> None:
 
 
 def _features_from_files(o: EvalReidOptions) -> tuple[rf.FeatureFile, rf.FeatureFile]:
-    if o.query_features is None or o.gallery_features is None:
-        raise UserError("give both --query-features and --gallery-features")
-    if o.weights is not None or o.data is not None or o.query is not None or o.gallery is not None:
-        raise UserError(
-            "--query-features/--gallery-features replace WEIGHTS and the image folders: "
-            "give one or the other"
-        )
+    """The given features files (paths checked by _check_inputs)."""
+    assert o.query_features is not None and o.gallery_features is not None
     q, g = rf.load(o.query_features), rf.load(o.gallery_features)
     _report_labels(q.meta.get("layout") or o.layout or "features", q, g)
     return q, g
@@ -178,7 +270,7 @@ def _wanted_meta(o: EvalReidOptions, split: rl.ReidSplit, wsha: str, precision: 
 
 
 def _cache_hit(path: Path, want: dict, recompute: bool) -> bool:
-    """Whether the cached file matches; says why not when it exists but differs."""
+    """Whether the cached file's metadata matches; says why not when it exists but differs."""
     if recompute or not path.is_file():
         return False
     try:
@@ -192,16 +284,43 @@ def _cache_hit(path: Path, want: dict, recompute: bool) -> bool:
     return not differ
 
 
-def _load_model(o: EvalReidOptions) -> tuple[torch.nn.Module, str]:
-    if o.weights is None:
-        raise UserError(
-            "give WEIGHTS (a checkpoint, extracted backbone or torchvision .pth), "
-            "or --query-features and --gallery-features"
-        )
-    bw = read_backbone(o.weights, o.part)
+def _cached_features(path: Path, want: dict, recompute: bool) -> rf.FeatureFile | None:
+    """The cache when it stands for this extraction and loads cleanly; a cache that does not
+    (rows that do not match its paths, malformed metadata) is stale: said, and recomputed."""
+    if not _cache_hit(path, want, recompute):
+        return None
+    try:
+        return rf.load(path)
+    except UserError as e:
+        log.warn(f"stale features cache, extracting again: {e}")
+        return None
+
+
+@dataclass(frozen=True)
+class _Weights:
+    model: torch.nn.Module
+    state_sha256: str  # of the backbone tensors: the features cache key
+    provenance: dict[str, Any]  # path as given, the file read, its sha256 (results.json)
+
+
+def _load_model(o: EvalReidOptions) -> _Weights:
+    assert o.weights is not None  # checked by _check_inputs
+    bw = read_backbone(o.weights, o.part, o.trust_pickle)
     model, arch = load_backbone(bw.state, str(o.weights))
     log.info(f"weights: {o.weights} ({bw.source_kind}, {arch})")
-    return model, state_digest(bw.state)
+    source = Path(bw.meta.get("source", str(o.weights)))
+    state_sha256 = state_digest(bw.state)
+    provenance = {
+        "path": str(o.weights),
+        "file": str(source.resolve()),
+        # rank 0 writes results.json: the others need not read the file a second time
+        "sha256": checkpoint.sha256_file(source) if dist.is_main() and source.is_file() else None,
+        "kind": bw.source_kind,
+        "arch": arch,
+        "part": o.part,
+        "state_sha256": state_sha256,
+    }
+    return _Weights(model, state_sha256, provenance)
 
 
 @dataclass(frozen=True)
@@ -221,9 +340,10 @@ def _split_features(
     want = _wanted_meta(o, split, ex.weights_sha256, ex.precision)
     main = dist.is_main()
     # Rank 0 decides for everyone: the cache may live on a disk only rank 0 sees.
-    if dist.broadcast_object(_cache_hit(path, want, o.recompute) if main else None):
+    cached = _cached_features(path, want, o.recompute) if main else None
+    if dist.broadcast_object(cached is not None):
         log.info(f"{name}: using cached features {path} (no extraction)")
-        return (rf.load(path) if main else None), False
+        return cached, False
     with true_fp32():  # fp32 means fp32 on any device; bf16 autocast is unaffected
         feats, hashes = extract_features_and_labels(
             ex.model, rl.ReidImages(split.paths), batch_size=o.batch_size, device=ex.device,
@@ -240,24 +360,29 @@ def _split_features(
 
 def _features_from_images(
     o: EvalReidOptions, di: dist.DistInfo
-) -> tuple[rf.FeatureFile | None, rf.FeatureFile | None, tuple[str, ...]]:
-    """Cached or freshly extracted features of both splits (None on ranks other than 0)."""
-    if o.layout is None:
-        raise UserError(f"--layout is required to read images ({', '.join(rl.LAYOUTS)})")
-    qroot, groot = rl.resolve_roots(o.layout, o.data, o.query, o.gallery)
+) -> tuple[rf.FeatureFile | None, rf.FeatureFile | None, tuple[str, ...], dict[str, Any]]:
+    """Cached or freshly extracted features of both splits (None on ranks other than 0), the
+    splits extracted now, and where they came from (weights, data roots) for results.json."""
+    layout = str(o.layout)  # given or detected by _check_inputs
+    qroot, groot = rl.resolve_roots(layout, o.data, o.query, o.gallery)
     splits = rl.scan_layout(
-        o.layout, qroot, groot, junk_classes=o.junk_classes, camera_regex=o.camera_regex
+        layout, qroot, groot, junk_classes=o.junk_classes, camera_regex=o.camera_regex
     )
-    _report_labels(o.layout, *splits)
-    model, wsha = _load_model(o)
+    _report_labels(layout, *splits)
+    w = _load_model(o)
     precision = o.precision  # "auto" only where the layout's default leaves it to the device
     if precision == "auto":
         precision = "bf16" if di.device.type == "cuda" else "fp32"
     workers = o.workers if o.workers is not None else min(8, os.cpu_count() or 1)
-    ex = _Extraction(model, wsha, precision, workers, di.device)
+    ex = _Extraction(w.model, w.state_sha256, precision, workers, di.device)
     q, q_new = _split_features(o, ex, "query", splits[0])
     g, g_new = _split_features(o, ex, "gallery", splits[1])
-    return q, g, tuple(n for n, new in (("query", q_new), ("gallery", g_new)) if new)
+    provenance = {
+        "weights": w.provenance,
+        "data": {"query": str(qroot.resolve()), "gallery": str(groot.resolve())},
+    }
+    extracted = tuple(n for n, new in (("query", q_new), ("gallery", g_new)) if new)
+    return q, g, extracted, provenance
 
 
 def _prepare(o: EvalReidOptions, q: rf.FeatureFile, g: rf.FeatureFile) -> int:
@@ -381,6 +506,7 @@ def _results(
         "score_precision": "fp32, TF32 off",
         "cache_dtype": q.meta.get("dtype", "unknown"),
         "transform": q.meta.get("transform", "unknown"),
+        # of the backbone tensors (the features cache key); the file's own: weights.sha256
         "weights_sha256": q.meta.get("weights_sha256", "unknown"),
         "features_hash": {
             "query": q.meta["features_blake2b"],
@@ -392,9 +518,50 @@ def _results(
     }
 
 
+def options_record(o: EvalReidOptions) -> dict[str, Any]:
+    """The resolved options as JSON values (paths absolute, so the record does not depend on
+    the directory the command ran in)."""
+    record: dict[str, Any] = {}
+    for f in fields(o):
+        value = getattr(o, f.name)
+        if isinstance(value, Path):
+            value = os.path.abspath(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        record[f.name] = value
+    return record
+
+
+def options_hash(record: dict[str, Any]) -> str:
+    """First 10 hex digits of the sha256 of the canonical JSON of the options that can change
+    the numbers (all but NOT_HASHED): the name of this run's results-<hash>.json."""
+    keyed = {k: v for k, v in record.items() if k not in NOT_HASHED}
+    canonical = json.dumps(keyed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def _provenance(
+    o: EvalReidOptions, q: rf.FeatureFile, g: rf.FeatureFile, sources: dict[str, Any]
+) -> dict[str, Any]:
+    """What a reader of results.json needs to rerun it: weights (path, file, sha256), data
+    roots, the options and their hash. For features files, their recorded roots."""
+    record = options_record(o)
+    data = sources.get("data") or {"query": q.meta.get("root"), "gallery": g.meta.get("root")}
+    return {
+        "weights": sources.get("weights"),
+        "data": data,
+        "options": record,
+        "options_hash": options_hash(record),
+    }
+
+
 def _evaluate(
-    o: EvalReidOptions, q: rf.FeatureFile, g: rf.FeatureFile, device: torch.device
-) -> tuple[dict[str, Any], Path, Path]:
+    o: EvalReidOptions,
+    q: rf.FeatureFile,
+    g: rf.FeatureFile,
+    device: torch.device,
+    sources: dict[str, Any],
+) -> tuple[dict[str, Any], rmx.ReidMetrics]:
     zeros = _prepare(o, q, g)
     layout = q.meta.get("layout") or o.layout or ""
     junk_identical = o.junk_identical if o.junk_identical is not None else layout == "imagefolder"
@@ -419,22 +586,42 @@ def _evaluate(
         "num_zero_norm_features": zeros,
         **info,
     }
-    results = _results(o, q, g, m, extra)
-    results_path, plot_path = o.out / "results.json", o.out / "cmc.png"
+    results = {**_results(o, q, g, m, extra), **_provenance(o, q, g, sources)}
+    return results, m
+
+
+@dataclass(frozen=True)
+class _Written:
+    results: Path
+    plot: Path
+    run_results: Path
+    run_plot: Path
+
+
+def _write_outputs(o: EvalReidOptions, results: dict[str, Any], m: rmx.ReidMetrics) -> _Written:
+    """results.json and cmc.png (the latest run) and results-<hash>.json, cmc-<hash>.png (this
+    run's options, kept when a later run uses others), each written atomically."""
+    h = results["options_hash"]
+    w = _Written(
+        o.out / "results.json", o.out / "cmc.png",
+        o.out / f"results-{h}.json", o.out / f"cmc-{h}.png",
+    )  # fmt: skip
+    results["results_files"] = {"latest": w.results.name, "this_run": w.run_results.name}
     text = json.dumps(results, indent=2) + "\n"
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    checkpoint.atomic_write(results_path, write)
-    title = f"CMC {layout or 'features'}: {m.num_valid_queries} queries, {m.ap_definition} AP"
-    save_cmc_plot(plot_path, results["cmc"], title)
-    return results, results_path, plot_path
+    for path in (w.run_results, w.results):  # the latest last: it names a file that exists
+        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    layout = results["layout"] or "features"
+    label = f"CMC {layout} ({m.num_valid_queries} queries, {m.ap_definition} AP)"
+    for path in (w.run_plot, w.plot):
+        save_cmc_plot(path, results["cmc"], label, m_ap=results["mAP"], log_x=o.cmc_log_x)
+    return w
 
 
 def eval_reid(opts: EvalReidOptions) -> EvalReidResult:
-    """Evaluate re-ID features of a backbone (or given features files); see the module doc."""
-    o = _resolve(opts)
+    """Evaluate re-ID features of a backbone (or given features files); see the module doc.
+
+    Every option is checked first (``validate``), before weights, features or ranks."""
+    o = validate(opts)
     di = dist.init(o.device)
     try:
         with rundir.lock_on_main(o.out, di.is_main):
@@ -446,14 +633,17 @@ def eval_reid(opts: EvalReidOptions) -> EvalReidResult:
 def _run(o: EvalReidOptions, di: dist.DistInfo) -> EvalReidResult:
     q: rf.FeatureFile | None
     g: rf.FeatureFile | None
+    sources: dict[str, Any] = {}
     if o.query_features is not None or o.gallery_features is not None:
         q, g = _features_from_files(o)
         extracted: tuple[str, ...] = ()
     else:
-        q, g, extracted = _features_from_images(o, di)
+        q, g, extracted, sources = _features_from_images(o, di)
     if not di.is_main or q is None or g is None:
         return EvalReidResult({}, None, None, extracted, False)
-    results, results_path, plot_path = _evaluate(o, q, g, di.device)
+    results, m = _evaluate(o, q, g, di.device, sources)
+    w = _write_outputs(o, results, m)
     return EvalReidResult(
-        results, results_path, plot_path, extracted, bool(results["ranks_cached"])
-    )
+        results, w.results, w.plot, extracted, bool(results["ranks_cached"]),
+        run_results_path=w.run_results, run_plot_path=w.run_plot,
+    )  # fmt: skip

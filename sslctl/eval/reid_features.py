@@ -95,11 +95,38 @@ def load(path: Path) -> FeatureFile:
                 f"{path}: '{name}' must be {n} integers (one per feature row), "
                 f"got shape {tuple(t.shape)} {t.dtype}"
             )
+    for key in ("paths", "hashes"):
+        _check_string_list(path, meta, key, n)
     if "features_blake2b" not in meta or meta.get("format") != FORMAT:
         meta = {**meta, "features_blake2b": digest(feats, ids, cams)}
     out = FeatureFile(feats.float(), ids.long(), cams.long(), meta, str(path))
     check_finite(out)
     return out
+
+
+def _check_string_list(path: Path, meta: dict[str, str], key: str, n: int) -> None:
+    """Optional metadata ``key`` must be a JSON list of n strings (one per row), else UserError.
+
+    eval-reid treats such a file in OUT/features/ as a stale cache and extracts again; a file
+    given with --query-features/--gallery-features is refused with this message."""
+    text = meta.get(key)
+    if text is None:
+        return
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        shown = text if len(text) <= 30 else text[:30] + "…"
+        raise UserError(
+            f"{path}: metadata '{key}' is not a JSON list of strings (got {shown!r}); "
+            f"write it as a JSON list of {n} strings, one per feature row, or drop the key"
+        )
+    if len(value) != n:
+        raise UserError(
+            f"{path}: metadata '{key}' lists {len(value)} entries but the file holds {n} feature "
+            f"rows; write one entry per row, or drop the key"
+        )
 
 
 def check_finite(f: FeatureFile) -> None:

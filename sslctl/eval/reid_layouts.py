@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from sslctl import UserError
-from sslctl.data.readers import IMAGE_EXTENSIONS, DecodeError
+from sslctl.data.readers import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, DecodeError, pixel_problem
 
 LAYOUTS = ("sysu30k", "market1501", "imagefolder")
 IMAGE_SIZE = (256, 128)  # H×W, as every re-ID reference script
@@ -133,15 +133,21 @@ def _folder_classes(root: Path, rel: list[str]) -> list[str]:
     return classes
 
 
-def _cameras_by_regex(root: Path, rel: list[str], camera_regex: str | None) -> list[int]:
-    if camera_regex is None:
-        return [-1] * len(rel)
+def camera_pattern(camera_regex: str) -> re.Pattern[str]:
+    """--camera-regex compiled; a UserError unless it is a regex with one capture group."""
     try:
         pattern = re.compile(camera_regex)
     except re.error as e:
         raise UserError(f"--camera-regex {camera_regex!r} is not a valid regex ({e})") from None
     if pattern.groups != 1:
         raise UserError(f"--camera-regex {camera_regex!r} must have exactly one capture group")
+    return pattern
+
+
+def _cameras_by_regex(root: Path, rel: list[str], camera_regex: str | None) -> list[int]:
+    if camera_regex is None:
+        return [-1] * len(rel)
+    pattern = camera_pattern(camera_regex)
     cams = []
     for r in rel:
         m = pattern.search(r.rsplit("/", 1)[-1])
@@ -169,6 +175,80 @@ def _scan_imagefolder(
     return _split(qroot, qrel, qids, qcams), _split(groot, grel, gids, gcams)
 
 
+SYSU_DISTRACTORS = "0000others"  # SYSU-30k's distractor folder and file-name prefix
+MARKET_SUBDIR = "Market-1501-v15.09.15"  # the official archive's top folder
+_LAYOUT_HINT = "pass --layout sysu30k, market1501 or imagefolder"
+
+
+def _has_sysu_distractors(gallery: Path) -> bool:
+    """gallery/0000others/ (ImageFolder) or a flat gallery/0000others_c… file; one readdir."""
+    try:
+        with os.scandir(gallery) as entries:
+            return any(
+                e.name == SYSU_DISTRACTORS or e.name.startswith(SYSU_DISTRACTORS + "_")
+                for e in entries
+            )
+    except OSError:  # missing or unreadable: not this layout (the scan reports it)
+        return False
+
+
+def _found(data: Path, limit: int = 5) -> str:
+    """What a folder holds, for a message: 'images/, query/, notes.txt, … (9 entries)'."""
+    try:
+        names = sorted(d.name + ("/" if d.is_dir() else "") for d in os.scandir(data))
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    names = [n if len(n) <= 24 else n[:23] + "…" for n in names if not n.startswith(".")]
+    if not names:
+        return "nothing"
+    more = f", … ({len(names)} entries)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def detect_layout(data: Path | None, query: Path | None, gallery: Path | None) -> tuple[str, str]:
+    """(layout, what gave it away) when the tree is unambiguous, else one-line UserError.
+
+    market1501: query/ + bounding_box_test/ (also under Market-1501-v15.09.15/); sysu30k:
+    query/ + gallery/ holding 0000others (folder or flat file names). query/ + gallery/ alone
+    fits market1501 (layumi's tree) and imagefolder alike, so it is refused with the choices.
+    """
+    if query is not None or gallery is not None:
+        if query is None or gallery is None or data is not None:
+            raise UserError("give either --data DIR or both --query DIR and --gallery DIR")
+        for flag, folder in (("--query", query), ("--gallery", gallery)):
+            if not folder.is_dir():
+                raise UserError(f"{flag} {folder} does not exist or is not a directory")
+        if _has_sysu_distractors(gallery):
+            return "sysu30k", f"--gallery with {SYSU_DISTRACTORS}"
+        raise UserError(
+            f"cannot tell the layout of --query {query} --gallery {gallery} "
+            f"(no {SYSU_DISTRACTORS} in the gallery): {_LAYOUT_HINT}"
+        )
+    if data is None:
+        raise UserError("no test set given: pass --data DIR (or --query DIR --gallery DIR)")
+    if not data.is_dir():
+        raise UserError(f"--data {data} does not exist or is not a directory")
+    found = []
+    for base in (data, data / MARKET_SUBDIR):
+        if (base / "query").is_dir() and (base / "bounding_box_test").is_dir():
+            prefix = "" if base == data else f"{MARKET_SUBDIR}/"
+            found.append(("market1501", f"{prefix}query/ + {prefix}bounding_box_test/"))
+            break
+    if (data / "query").is_dir() and _has_sysu_distractors(data / "gallery"):
+        found.append(("sysu30k", f"query/ + gallery/ with {SYSU_DISTRACTORS}"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        why = "fits both market1501 and sysu30k"
+    elif (data / "query").is_dir() and (data / "gallery").is_dir():
+        why = f"query/ + gallery/ without {SYSU_DISTRACTORS} fits market1501 and imagefolder"
+    else:
+        why = "no query/ beside bounding_box_test/ or gallery/"
+    raise UserError(
+        f"cannot tell the layout of --data {data} ({why}; found: {_found(data)}): {_LAYOUT_HINT}"
+    )
+
+
 def resolve_roots(
     layout: str, data: Path | None, query: Path | None, gallery: Path | None
 ) -> tuple[Path, Path]:
@@ -183,7 +263,7 @@ def resolve_roots(
         raise UserError(f"--data {data} does not exist or is not a directory")
     if layout != "market1501":
         return data / "query", data / "gallery"
-    for base in (data, data / "Market-1501-v15.09.15"):
+    for base in (data, data / MARKET_SUBDIR):
         for gname in ("bounding_box_test", "gallery"):
             if (base / "query").is_dir() and (base / gname).is_dir():
                 return base / "query", base / gname
@@ -298,6 +378,9 @@ class ReidImages(Dataset):
         try:
             data = path.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
+                too_big = pixel_problem(im.width, im.height, MAX_IMAGE_PIXELS)
+                if too_big:  # sizes from the header: refused before anything is allocated
+                    raise DecodeError(path, too_big, kind="huge")
                 im.load()  # decode now: a truncated file fails here, naming the path
                 rgb = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
