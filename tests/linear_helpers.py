@@ -40,12 +40,37 @@ def make_dataset(root: Path, train: int = 8, val: int = 3, classes: int = 3) -> 
 
 
 def make_weights(path: Path, arch: str = "resnet18", seed: int = 1) -> Path:
-    """An extracted backbone (torchvision key names) with a small-image stem; seed 1, so it
-    differs from the random-init baseline (seed 0)."""
+    """An extracted backbone (torchvision key names) with a small-image stem (ResNets); seed 1,
+    so it differs from the random-init baseline (seed 0)."""
     torch.manual_seed(seed)
-    net = build_backbone(arch, small_stem=True)
+    net = build_backbone(arch, small_stem=arch != "convnet4")
     checkpoint.save_safetensors(path, net.state_dict(), {"format": "sslctl-backbone"})
     return path
+
+
+# demo-cpu (convnet4, AdamW) made small enough for seconds; the image size is the caller's.
+TINY_PRETRAIN = [
+    "model.proj_hidden=32",
+    "model.proj_dim=16",
+    "model.pred_hidden=32",
+    "train.batch_size=12",
+    "train.epochs=1",
+    "train.log_every=1",
+    "data.workers=0",
+    "eval.knn_every=0",
+    "ckpt.every_epochs=1",
+]
+
+
+def make_run(run: Path, images: Path, image_size: int = 32) -> Path:
+    """A real (tiny) demo-cpu pre-training run on ``images`` at ``image_size`` px: its
+    checkpoints carry that config, as any sslctl run's do."""
+    from sslctl import api
+
+    sets = [*TINY_PRETRAIN, f"data.image_size={image_size}"]
+    res = api.pretrain("demo-cpu", run, images, sets, fresh=True)
+    assert res.fit.checkpoint is not None
+    return run
 
 
 def tiny_sets(*extra: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ class ExtractResult:
 
 
 def extract(
-    source: Path,
-    output: Path,
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
     part: str = "online",
     fmt: str | None = None,
     trust_pickle: bool = False,
@@ -45,6 +46,7 @@ def extract(
     from the suffix. The written file is read back and loaded into torchvision (sslctl's
     ConvNet4 for convnet4) before it lands.
     """
+    output = Path(output)
     fmt = ex.output_format(output, fmt)
     weights = read_backbone(Path(source), part, trust_pickle)
     origin = weights.meta.get("source", str(source))

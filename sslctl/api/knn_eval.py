@@ -2,6 +2,9 @@
 
 The features are those of ``linear-eval --protocol cached`` (centre crop, val transform for both
 splits, the same cache key), so with a shared ``--cache-dir`` either command re-uses the other's.
+Weights that carry their pre-training config are evaluated at its image size unless a
+``--profile`` other than the default or ``--set data.image_size`` / ``data.resize`` is given, as
+in linear-eval.
 """
 
 from __future__ import annotations
@@ -13,17 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import sslctl
-from sslctl import UserError, config, dist, log
+from sslctl import UserError, config, dist, log, paths_as_path
 from sslctl.api.linear_eval import (
     Backbone,
+    Matched,
     default_profile,
     load_weights,
+    match_training,
     random_backbone,
     say_unchanged,
     split_features,
     write_results,
 )
-from sslctl.config import LinearConfig
 from sslctl.eval.cache import state_digest
 from sslctl.eval.knn import knn_accuracy
 from sslctl.eval.linear import to_device_if_fits
@@ -47,6 +51,10 @@ class KnnEvalOptions:
     cache_dir: Path | None = None
     recompute: bool = False
     device: str = "auto"
+    trust_pickle: bool = False  # allow a .pth that needs full unpickling (runs code in it)
+
+    def __post_init__(self) -> None:
+        paths_as_path(self)  # str and os.PathLike paths from Python callers
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,12 @@ class KnnEvalResult:
 
 
 def _one(
-    o: KnnEvalOptions, cfg: LinearConfig, splits: Splits, bb: Backbone, di: dist.DistInfo
+    o: KnnEvalOptions, m: Matched, splits: Splits, bb: Backbone, di: dist.DistInfo
 ) -> dict[str, Any]:
+    cfg = m.cfg
     cache_dir = o.cache_dir or (Path(cfg.cached.cache_dir) if cfg.cached.cache_dir else None)
-    train, val, hit = split_features(cfg, splits, bb, di, cache_dir or o.out / "cache", o.recompute)
+    where = cache_dir or o.out / "cache"
+    train, val, hit = split_features(cfg, splits, bb, di, where, o.recompute)
     unchanged = state_digest(bb.net.state_dict()) == bb.digest
     if not di.is_main:
         return {}
@@ -73,6 +83,9 @@ def _one(
 
 
 def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
+    """Weighted kNN top-1/top-5 of ``o.weights`` on labelled splits (centre-crop features,
+    extracted once and cached); writes ``o.out/results.json``. Paths may be str or PathLike."""
+    dist.check_device(o.device)  # before anything is read, extracted or created
     sets = list(o.sets)
     if o.k is not None:
         sets.append(f"knn.k={o.k}")
@@ -82,15 +95,16 @@ def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
         sets.append(f"knn.temperature={o.temperature}")
     profile = o.profile or default_profile(o.data)
     cfg = config.load_linear(profile, sets)
-    splits = resolve_splits(o.data, o.train, o.val)
+    splits = resolve_splits(o.data, o.train, o.val, cfg.data.allow_outside_root)
     if cfg.knn.k > len(splits.train):
         raise UserError(f"--k {cfg.knn.k} exceeds the {len(splits.train)} training images")
-    learned = load_weights(o.weights, o.part)
+    learned = load_weights(o.weights, o.part, o.trust_pickle)
+    matched = match_training(cfg, o.profile, o.data, tuple(sets), learned)
     check_writable(o.out)
     di = dist.init(o.device)
     try:
         with lock_on_main(o.out, di.is_main):
-            return _evaluate(o, profile, cfg, splits, learned, di)
+            return _evaluate(o, profile, matched, splits, learned, di)
     finally:
         dist.shutdown()
 
@@ -98,17 +112,20 @@ def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
 def _evaluate(
     o: KnnEvalOptions,
     profile: str,
-    cfg: LinearConfig,
+    m: Matched,
     splits: Splits,
     learned: Backbone,
     di: dist.DistInfo,
 ) -> KnnEvalResult:
     t0 = time.perf_counter()
-    results = {"protocol": "knn", **_one(o, cfg, splits, learned, di)}
+    results = {"protocol": "knn", **_one(o, m, splits, learned, di)}
     if o.compare_random:
-        results["random_init"] = _one(o, cfg, splits, random_backbone(learned), di)
+        results["random_init"] = _one(o, m, splits, random_backbone(learned), di)
     if not di.is_main:
         return KnnEvalResult({}, None)
+    cfg = m.cfg
+    if m.taken:
+        results["from_training_config"] = m.taken
     results.update(
         k=cfg.knn.k,
         temperature=cfg.knn.temperature,

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from sslctl import api
-from sslctl.cli.common import out_console, user_errors
+from sslctl.cli.common import TRUST_PICKLE_HELP, out_console, user_errors
+
+# torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
 HELP = (
     "Write a checkpoint's backbone with torchvision key names (no fc) as .safetensors or a .pth "
@@ -22,26 +23,28 @@ HELP = (
 def command(
     source: Annotated[
         Path,
-        typer.Argument(help="checkpoint file, run or checkpoints directory, .../last, or .pth"),
+        typer.Argument(
+            metavar="SOURCE",
+            help="checkpoint file, run or checkpoints directory, .../last, or .pth",
+        ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="file to write")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="file to write")],
     part: Annotated[
-        str, typer.Option(help="online or target network (sslctl checkpoints)")
+        str,
+        typer.Option(metavar="online|target", help="online or target network (sslctl checkpoints)"),
     ] = "online",
     fmt: Annotated[
         str | None,
         typer.Option(
-            "--format", help="safetensors or torchvision (.pth); default: from the suffix"
+            "--format",
+            metavar="safetensors|torchvision",
+            help="safetensors or torchvision (.pth); default: from the suffix",
         ),
     ] = None,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            help="allow a .pth that needs full unpickling (runs code stored in the file; only "
-            "for files whose author you trust)"
-        ),
-    ] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
+    from sslctl import api
+
     r = api.extract(source, output, part, fmt, trust_pickle)
     stem = ", 3x3 small-image stem" if r.small_stem else ""
     out_console.print(
@@ -60,5 +63,6 @@ def command(
     )
     if r.counters_added:
         out_console.print(
-            f"note: {r.counters_added} BN num_batches_tracked absent in the source, written as 0"
+            f"note: {r.counters_added} BN num_batches_tracked absent in the source, written as 0",
+            markup=False,
         )

@@ -9,15 +9,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from sslctl import api
 from sslctl.cli.common import out_console, user_errors
 from sslctl.cli.linear_eval import OPTION_HELP
+
+# torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
 HELP = (
     "Weighted kNN evaluation (InstDisc/DINO): each val image's k most cosine-similar training "
     "images vote for their class with weight exp(sim/T); top-1/top-5. Centre-crop features, "
     "extracted once and cached (OUT/cache or --cache-dir; the same cache as linear-eval "
-    "--protocol cached). Writes OUT/results.json."
+    "--protocol cached). Weights that carry their pre-training config (sslctl runs) are "
+    "evaluated at its image size unless a --profile other than the default or --set "
+    "data.image_size / data.resize is given. Writes OUT/results.json."
 )
 Opt = typer.Option
 
@@ -36,35 +39,58 @@ def results_table(r: dict[str, Any]) -> Table:
 
 @user_errors
 def command(
-    weights: Annotated[Path, typer.Argument(help=OPTION_HELP["weights"])],
-    data: Annotated[str | None, Opt(help=OPTION_HELP["data"])] = None,
-    train: Annotated[Path | None, Opt(help=f"memory bank split: {OPTION_HELP['split']}")] = None,
-    val: Annotated[Path | None, Opt(help=f"query split: {OPTION_HELP['split']}")] = None,
-    k: Annotated[int | None, Opt(help="neighbours (default: the profile's knn.k, 20)")] = None,
-    temperature: Annotated[
-        float | None, Opt(help="vote temperature (default: the profile's knn.temperature, 0.07)")
+    weights: Annotated[Path, typer.Argument(metavar="WEIGHTS", help=OPTION_HELP["weights"])],
+    data: Annotated[str | None, Opt(metavar="DIR|bundled", help=OPTION_HELP["data"])] = None,
+    train: Annotated[
+        Path | None, Opt(metavar="PATH", help=f"memory bank split: {OPTION_HELP['split']}")
     ] = None,
-    profile: Annotated[str | None, Opt(help=OPTION_HELP["profile"])] = None,
-    out: Annotated[Path, Opt(help="results.json and cache/")] = Path("runs/knn"),
-    set_: Annotated[list[str] | None, Opt("--set", help="override a profile key")] = None,
-    compare_random: Annotated[bool, Opt(help=OPTION_HELP["random"])] = False,
-    part: Annotated[str, Opt(help="online | target backbone of an sslctl checkpoint")] = "online",
-    cache_dir: Annotated[Path | None, Opt(help="cached features (default: OUT/cache)")] = None,
-    recompute: Annotated[bool, Opt(help="ignore cached features")] = False,
-    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
-    nproc_per_node: Annotated[int, Opt(help=OPTION_HELP["nproc"])] = 0,
+    val: Annotated[
+        Path | None, Opt(metavar="PATH", help=f"query split: {OPTION_HELP['split']}")
+    ] = None,
+    k: Annotated[
+        int | None, Opt(metavar="N", help="neighbours (default: the profile's knn.k, 20)")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        Opt(metavar="T", help="vote temperature (default: the profile's knn.temperature, 0.07)"),
+    ] = None,
+    profile: Annotated[str | None, Opt(metavar="NAME|FILE", help=OPTION_HELP["profile"])] = None,
+    out: Annotated[Path, Opt(metavar="DIR", help="results.json and cache/")] = Path("runs/knn"),
+    set_: Annotated[
+        list[str] | None,
+        Opt("--set", metavar="KEY=VALUE", help="override a profile key (repeatable)"),
+    ] = None,
+    compare_random: Annotated[bool, Opt("--compare-random", help=OPTION_HELP["random"])] = False,
+    part: Annotated[
+        str, Opt(metavar="online|target", help="online | target backbone of an sslctl checkpoint")
+    ] = "online",
+    cache_dir: Annotated[
+        Path | None, Opt(metavar="DIR", help="cached features (default: OUT/cache)")
+    ] = None,
+    recompute: Annotated[bool, Opt("--recompute", help="ignore cached features")] = False,
+    device: Annotated[
+        str, Opt(metavar="auto|cpu|cuda|cuda:N", help=OPTION_HELP["device"])
+    ] = "auto",
+    nproc_per_node: Annotated[int, Opt(metavar="N", help=OPTION_HELP["nproc"])] = 0,
+    trust_pickle: Annotated[bool, Opt("--trust-pickle", help=OPTION_HELP["trust_pickle"])] = False,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun
+        from sslctl.dist import check_device
+
+        check_device(device)  # one line here, not one per process under torchrun
 
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
+    from sslctl import api
+
     opts = api.KnnEvalOptions(
         weights=weights, data=data, train=train, val=val, k=k, temperature=temperature,
         profile=profile, out=out, sets=tuple(set_ or ()), compare_random=compare_random,
         part=part, cache_dir=cache_dir, recompute=recompute, device=device,
+        trust_pickle=trust_pickle,
     )  # fmt: skip
     res = api.knn_eval(opts)
     if not res.results:  # ranks other than 0 under torchrun
         return
     out_console.print(results_table(res.results))
-    out_console.print(f"results: {res.results_path}")
+    out_console.print(f"results: {res.results_path}", markup=False, soft_wrap=True)

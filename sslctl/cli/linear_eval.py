@@ -10,16 +10,20 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from sslctl import api
-from sslctl.cli.common import EXIT_PREEMPTED, out_console, user_errors
+from sslctl.cli.common import EXIT_PREEMPTED, TRUST_PICKLE_HELP, out_console, user_errors
+
+# torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
 HELP = (
-    "Linear evaluation of a frozen backbone (SPEC §3): --protocol standard trains Linear(feat, "
+    "Linear evaluation of a frozen backbone (the paper's protocol): --protocol standard trains Linear(feat, "
     "classes) on RandomResizedCrop+flip views with SGD, warm-up + cosine, top-1/top-5 every "
     "epoch (DDP with --nproc-per-node, AMP, resumes from OUT/checkpoints). --protocol cached is "
     "a fast proxy: centre-crop features extracted once and cached (OUT/cache or --cache-dir), "
     "then a head on the standardised features, plus weighted kNN. --data ROOT needs ROOT/train "
-    "and ROOT/val; --data bundled is the demo set. Writes OUT/results.json."
+    "and ROOT/val; --data bundled is the demo set. Weights that carry their pre-training config "
+    "(sslctl runs) are evaluated at its image size unless a --profile other than the default or "
+    "--set data.image_size / data.resize is given. A rerun continues OUT (with a larger linear.epochs: further). Writes "
+    "OUT/results.json."
 )
 
 Opt = typer.Option
@@ -30,8 +34,11 @@ OPTION_HELP = {
     "profile": "linear-eval profile (see `sslctl profiles`) or YAML file "
     "(default: linear-demo-cpu for --data bundled, else linear-r50)",
     "random": "also evaluate a seeded random initialisation of the same architecture",
-    "fresh": "start from scratch; refuse if --out already holds checkpoints",
+    "fresh": "start over: a run already in --out (checkpoints, metrics, results) moves to "
+    "OUT/superseded/<time>/ first",
     "nproc": "launch N processes with torchrun (DDP); 0 = this process only",
+    "device": "auto | cpu | cuda | cuda:N (checked before any work)",
+    "trust_pickle": TRUST_PICKLE_HELP,
 }
 
 
@@ -44,7 +51,7 @@ def _row(t: Table, name: str, r: dict[str, Any], cached: bool) -> None:
 
 def results_table(r: dict[str, Any]) -> Table:
     cached = r["protocol"] == "cached"
-    what = "cached-feature proxy" if cached else "standard protocol, SPEC §3"
+    what = "cached-feature proxy" if cached else "standard protocol, the paper's"
     t = Table(title=f"linear evaluation ({what}, {r['epochs']} epochs, {r['arch']})")
     t.add_column("backbone", style="bold")
     for col in ("top-1 %", "top-5 %", "best top-1 %", *(["kNN top-1 %"] if cached else [])):
@@ -58,34 +65,57 @@ def results_table(r: dict[str, Any]) -> Table:
 
 @user_errors
 def command(
-    weights: Annotated[Path, typer.Argument(help=OPTION_HELP["weights"])],
-    data: Annotated[str | None, Opt(help=OPTION_HELP["data"])] = None,
-    train: Annotated[Path | None, Opt(help=f"training split: {OPTION_HELP['split']}")] = None,
-    val: Annotated[Path | None, Opt(help=f"validation split: {OPTION_HELP['split']}")] = None,
-    profile: Annotated[str | None, Opt(help=OPTION_HELP["profile"])] = None,
-    out: Annotated[Path, Opt(help="run directory (results.json, metrics.jsonl, …)")] = Path(
-        "runs/linear"
-    ),
-    protocol: Annotated[str, Opt(help="standard (SPEC §3) | cached (fast proxy)")] = "standard",
-    set_: Annotated[
-        list[str] | None, Opt("--set", help="override a profile key: --set linear.lr=0.15")
+    weights: Annotated[Path, typer.Argument(metavar="WEIGHTS", help=OPTION_HELP["weights"])],
+    data: Annotated[str | None, Opt(metavar="DIR|bundled", help=OPTION_HELP["data"])] = None,
+    train: Annotated[
+        Path | None, Opt(metavar="PATH", help=f"training split: {OPTION_HELP['split']}")
     ] = None,
-    compare_random: Annotated[bool, Opt(help=OPTION_HELP["random"])] = False,
-    part: Annotated[str, Opt(help="online | target backbone of an sslctl checkpoint")] = "online",
-    fresh: Annotated[bool, Opt(help=OPTION_HELP["fresh"])] = False,
-    cache_dir: Annotated[Path | None, Opt(help="cached features (default: OUT/cache)")] = None,
-    recompute: Annotated[bool, Opt(help="ignore cached features")] = False,
-    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
-    nproc_per_node: Annotated[int, Opt(help=OPTION_HELP["nproc"])] = 0,
+    val: Annotated[
+        Path | None, Opt(metavar="PATH", help=f"validation split: {OPTION_HELP['split']}")
+    ] = None,
+    profile: Annotated[str | None, Opt(metavar="NAME|FILE", help=OPTION_HELP["profile"])] = None,
+    out: Annotated[
+        Path, Opt(metavar="DIR", help="run directory (results.json, metrics.jsonl, …)")
+    ] = Path("runs/linear"),
+    protocol: Annotated[
+        str,
+        Opt(
+            metavar="standard|cached", help="standard (the paper's protocol) | cached (fast proxy)"
+        ),
+    ] = "standard",
+    set_: Annotated[
+        list[str] | None,
+        Opt("--set", metavar="KEY=VALUE", help="override a profile key: --set linear.lr=0.15"),
+    ] = None,
+    compare_random: Annotated[bool, Opt("--compare-random", help=OPTION_HELP["random"])] = False,
+    part: Annotated[
+        str, Opt(metavar="online|target", help="online | target backbone of an sslctl checkpoint")
+    ] = "online",
+    fresh: Annotated[bool, Opt("--fresh", help=OPTION_HELP["fresh"])] = False,
+    cache_dir: Annotated[
+        Path | None, Opt(metavar="DIR", help="cached features (default: OUT/cache)")
+    ] = None,
+    recompute: Annotated[bool, Opt("--recompute", help="ignore cached features")] = False,
+    device: Annotated[
+        str, Opt(metavar="auto|cpu|cuda|cuda:N", help=OPTION_HELP["device"])
+    ] = "auto",
+    nproc_per_node: Annotated[int, Opt(metavar="N", help=OPTION_HELP["nproc"])] = 0,
+    trust_pickle: Annotated[bool, Opt("--trust-pickle", help=OPTION_HELP["trust_pickle"])] = False,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun
+        from sslctl.dist import check_device
+
+        check_device(device)  # one line here, not one per process under torchrun
 
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
+    from sslctl import api
+
     opts = api.LinearEvalOptions(
         weights=weights, data=data, train=train, val=val, profile=profile, out=out,
         protocol=protocol, sets=tuple(set_ or ()), compare_random=compare_random, part=part,
         fresh=fresh, cache_dir=cache_dir, recompute=recompute, device=device,
+        trust_pickle=trust_pickle,
     )  # fmt: skip
     res = api.linear_eval(opts)
     if res.stopped == "signal":
@@ -96,5 +126,5 @@ def command(
         return
     out_console.print(results_table(res.results))
     if res.results["protocol"] == "cached":
-        out_console.print(f"note: {res.results['note']}")
-    out_console.print(f"results: {res.results_path}")
+        out_console.print(f"note: {res.results['note']}", markup=False)
+    out_console.print(f"results: {res.results_path}", markup=False, soft_wrap=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
 
 from sslctl import UserError, checkpoint, log
+from sslctl.data.readers import quote
 
 PARTS = ("online", "target")
 
@@ -54,25 +54,29 @@ def _is_ours(path: Path) -> bool:
     )
 
 
-def read_backbone(path: Path, part: str = "online", trust_pickle: bool = False) -> BackboneWeights:
+def read_backbone(
+    path: Path, part: str = "online", trust_pickle: bool | None = None
+) -> BackboneWeights:
     """The backbone in ``path``; ``trust_pickle`` allows full unpickling (runs code in the file).
 
     Every command that reads weights (extract, knn-eval, linear-eval, eval-reid,
     convert-detectron, init.weights) comes through here, so the two checks live here: a
     checkpoint file named explicitly must match its manifest, and no weight may be NaN or ±inf.
+    ``trust_pickle`` False: the caller offers ``--trust-pickle`` (its refusal says so); None: it
+    does not (the refusal points at ``sslctl extract --trust-pickle`` instead).
     """
     w = _read(path, part, trust_pickle)
     checkpoint.check_finite(w.state, w.meta.get("source", str(path)))
     return w
 
 
-def _read(path: Path, part: str, trust_pickle: bool) -> BackboneWeights:
+def _read(path: Path, part: str, trust_pickle: bool | None) -> BackboneWeights:
     if part not in PARTS:
         raise UserError(f"--part must be one of {', '.join(PARTS)}, got '{part}'")
     if not path.exists() and not (path.name == "last" and path.parent.is_dir()):
         raise UserError(f"{path}: no such file or directory")
     if _is_ours(path):
-        ck = checkpoint.resolve(path)
+        ck = _resolve(path)
         if path.is_file():  # a directory or …/last resolved to a checkpoint that verified
             checkpoint.verify_explicit(ck.weights)
         state, meta = checkpoint.load_safetensors(ck.weights, prefix=f"{part}.backbone.")
@@ -87,6 +91,32 @@ def _read(path: Path, part: str, trust_pickle: bool) -> BackboneWeights:
             "use the .safetensors or .pth it was made from"
         )
     return _read_pickle(path, part, trust_pickle)
+
+
+def _resolve(path: Path) -> checkpoint.CkptPaths:
+    """``checkpoint.resolve``, but a run or checkpoints directory whose checkpoints all fail to
+    verify is refused with the newest one's reason, and a skipped newer one is warned about."""
+    run = path.parent if path.name == "last" and not path.exists() else path
+    if not run.is_dir():
+        return checkpoint.resolve(path)
+    skipped: list[tuple[checkpoint.CkptPaths, str]] = []
+    found = checkpoint.newest_valid(
+        checkpoint.ckpt_dir_of(run), lambda c, why: skipped.append((c, why))
+    )
+    if found is None and skipped:
+        c, why = skipped[0]
+        older = f" (and the {len(skipped) - 1} older ones)" if len(skipped) > 1 else ""
+        raise UserError(
+            f"{run}: no valid checkpoint: step {c.step}: {why}{older}; restore it from a copy "
+            "or use another run (`sslctl checkpoints` on this run lists each one's state)"
+        )
+    if found is None:
+        return checkpoint.resolve(path)  # nothing there at all: its own line says so
+    if skipped:
+        c, why = skipped[0]
+        said = f"{run}: the newest checkpoint, step {c.step}, does not verify ({why})"
+        log.warn(f"{said}; using step {found.step}")
+    return found
 
 
 def _read_safetensors(path: Path, part: str) -> BackboneWeights:
@@ -107,10 +137,11 @@ def _strip_fc(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def _load_pickle(path: Path, trust_pickle: bool = False) -> Any:
+def _load_pickle(path: Path, trust_pickle: bool | None = None) -> Any:
     """``torch.load(weights_only=True)``, with its failures turned into one clear line.
 
     ``trust_pickle`` is the only way to read anything else: it warns, then unpickles fully.
+    None: the calling command has no ``--trust-pickle``; the refusal names one that has.
     """
     with open(path, "rb") as fh:
         head = fh.read(4)
@@ -122,18 +153,22 @@ def _load_pickle(path: Path, trust_pickle: bool = False) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             if trust_pickle:
                 log.warn(
-                    f"--trust-pickle: unpickling {path} without restrictions; any code stored "
-                    "in it runs now with your permissions"
+                    f"--trust-pickle: unpickling {path} without restrictions; any code "
+                    "stored in it runs now with your permissions"
                 )
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it references {found.group(1)}" if found else "it holds more than tensors"
+        trust = (
+            "pass --trust-pickle"  # the calling command offers it
+            if trust_pickle is not None
+            else "convert it once with `sslctl extract … --trust-pickle`"
+        )
         raise UserError(
-            f"{path}: refused: a safe load (weights_only) cannot read it ({what}); only plain "
-            "tensor state dicts are read, never code stored in a file "
-            "(re-save with torch.save(model.state_dict()), or pass --trust-pickle if you trust "
-            "the file's author)"
+            f"{quote(str(path), 80)}: refused: {what}, and weights are read with a safe load (no "
+            f"code runs); re-save it with torch.save(model.state_dict()), or {trust} if you "
+            "trust its author"
         ) from None
     except Exception as e:  # a corrupt file surfaces as almost any error type (KeyError, EOFError…)
         why = _first_line(str(e)) or e.__class__.__name__
@@ -145,7 +180,7 @@ def _first_line(text: str) -> str:
     return lines[0][:160] if lines else ""
 
 
-def _read_pickle(path: Path, part: str, trust_pickle: bool = False) -> BackboneWeights:
+def _read_pickle(path: Path, part: str, trust_pickle: bool | None = None) -> BackboneWeights:
     """A .pth read with weights_only=True: plain torchvision or reference mmcv layout."""
     obj = _load_pickle(path, trust_pickle)
     if not isinstance(obj, dict):
@@ -182,7 +217,7 @@ def _pickled_backbone(obj: dict, path: Path, part: str) -> tuple[dict[str, torch
 
 
 def _iters_report(path: Path, meta: dict[str, str]) -> str:
-    said = f"{escape(str(path))}: mmcv meta iter {meta['micro_iters']} counts micro-iterations"
+    said = f"{path}: mmcv meta iter {meta['micro_iters']} counts micro-iterations"
     if "step" not in meta:
         return f"{said}, not optimizer steps; no saved config gives update_interval: step unknown"
     n = meta["update_interval"]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sslctl import UserError, checkpoint, dist, log
-from sslctl.data.readers import Sample
+from sslctl.data.readers import MAX_IMAGE_PIXELS, Sample
 from sslctl.data.tv import EvalDataset
 from sslctl.data.views import EvalSpec
 from sslctl.eval.features import extract_features_and_labels
@@ -73,6 +73,7 @@ def cached_features(
     precision: str,
     workers: int,
     recompute: bool = False,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(features n×d fp32, labels n int64, whether they came from the cache), dataset order,
     on rank 0; other ranks get empty tensors (only rank 0 uses them).
@@ -92,7 +93,7 @@ def cached_features(
         return found[0], found[1].to(torch.int64), True
     feats, labels = extract_features_and_labels(
         model,
-        EvalDataset(samples, spec),
+        EvalDataset(samples, spec, max_image_pixels),
         batch_size=batch_size,
         device=device,
         precision=precision,

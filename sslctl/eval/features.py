@@ -13,6 +13,7 @@ concatenating the ranks' outputs in rank order is the dataset order.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -28,6 +29,23 @@ from sslctl.data.tv import WorkerLoader
 
 FUSIONS = ("sum", "legacy-triplet")
 PRECISIONS = ("bf16", "fp32")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a Slurm or container limit), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> int:
+    """``requested`` decoding workers, capped at this process's share of the CPUs (a profile's
+    8 workers on a 2-core laptop only add start-up time and memory); 0 stays 0 (in-process)."""
+    if requested <= 0:
+        return 0
+    per_process = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(requested, per_process))
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -200,6 +218,7 @@ def extract_features_and_labels(
     is also encoded and combined by ``fusion`` (see ``_fuse``); ``normalize`` L2-normalises the
     result. ``precision`` "bf16" runs the forward under autocast (features still summed in fp32);
     "fp32" leaves TF32 to the caller's flags (``true_fp32()`` turns it off).
+    ``workers`` is capped at the CPUs this process may use (``loader_workers``).
     ``worker_start`` is the DataLoader workers' start method (None: the platform's default).
     Under torchrun each rank encodes a contiguous slice and the slices are gathered to rank 0;
     the total is checked against ``len(dataset)``.
@@ -211,6 +230,7 @@ def extract_features_and_labels(
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]
     bounds = shard_range(n, dist.rank(), dist.world_size())
+    workers = loader_workers(workers)
     loader = WorkerLoader(
         Subset(dataset, range(*bounds)),
         batch_size=batch_size,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import dist, log
-from sslctl.data.readers import scan_imagefolder
+from sslctl.data.readers import MAX_IMAGE_PIXELS, scan_imagefolder
 from sslctl.data.tv import EvalDataset
 from sslctl.data.views import linear_val
 from sslctl.eval.features import extract_features_and_labels
@@ -98,6 +98,7 @@ def knn_monitor(
     image_size: int = 224,
     resize: int | None = None,
     workers: int = 0,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> dict[str, float]:
     """kNN top-1/top-5 of ``backbone`` on two labelled ImageFolder trees, for periodic monitoring.
 
@@ -121,7 +122,7 @@ def knn_monitor(
     for name, samples in (("train", train), ("val", val)):
         feats[name] = extract_features_and_labels(
             model,
-            EvalDataset(samples, spec),
+            EvalDataset(samples, spec, max_image_pixels),
             batch_size=batch_size,
             device=dev,
             precision=precision,

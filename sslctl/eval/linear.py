@@ -13,6 +13,7 @@ written at every epoch end and on a stop signal; a rerun continues from the newe
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -34,12 +35,32 @@ from sslctl.data.views import linear_train, linear_val
 from sslctl.engine.preempt import StopFlag
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.eval.cache import state_digest
-from sslctl.eval.features import fits_in_free_memory, shard_range
+from sslctl.eval.features import fits_in_free_memory, loader_workers, shard_range
 from sslctl.eval.knn import correct_counts
 from sslctl.eval.splits import Splits
+from sslctl.rundir import config_changes, show_value
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KEEP_CHECKPOINTS = 2  # the newest two: one may be mid-write when a machine dies
+# Settings that cannot change what the standard protocol computes: continuing with other values
+# is not a change (the cached probe's and kNN's sections, decoding processes, logging cadence).
+IRRELEVANT = ("description", "cached.", "knn.", "data.workers", "linear.log_every")
+
+
+def probe_settings(cfg: LinearConfig) -> dict[str, Any]:
+    """What a standard run is compared on when it continues: the profile."""
+    return cfg.to_dict()
+
+
+def settings_changes(saved_json: str, new: dict[str, Any]) -> dict[str, list[Any]]:
+    """``rundir.config_changes`` for linear runs: a larger ``linear.epochs`` continues the run
+    (as a larger ``train.epochs`` continues pre-training); IRRELEVANT keys are no change."""
+    changes = config_changes(saved_json, new)
+    out = {k: v for k, v in changes.items() if not k.startswith(IRRELEVANT)}
+    old, now = out.get("linear.epochs", [None, None])
+    if isinstance(old, int) and isinstance(now, int) and now > old:
+        del out["linear.epochs"]
+    return out
 
 
 def freeze(backbone: nn.Module) -> nn.Module:
@@ -113,6 +134,7 @@ class StandardProbe:
         meta: dict[str, str],
     ):
         self.cfg, self.lin, self.di, self.splits = cfg, cfg.linear, di, splits
+        self.settings = probe_settings(cfg)
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.loaded_digest = state_digest(backbone.state_dict())
         self.meta = {**meta, "kind": "linear-eval", "weights_sha256": self.loaded_digest}
@@ -139,8 +161,10 @@ class StandardProbe:
         )
         d = cfg.data
         train_spec = replace(linear_train(d.image_size), scale=(d.crop_scale_min, 1.0))
-        self.train_ds = EvalDataset(splits.train, train_spec)
-        self.val_ds = EvalDataset(splits.val, linear_val(d.image_size, d.resize))
+        self.train_ds = EvalDataset(splits.train, train_spec, d.max_image_pixels)
+        self.val_ds = EvalDataset(
+            splits.val, linear_val(d.image_size, d.resize), d.max_image_pixels
+        )
         self.sampler: DistributedSampler[int] = DistributedSampler(
             self.train_ds, di.world_size, di.rank, shuffle=True, seed=self.lin.seed
         )
@@ -178,16 +202,17 @@ class StandardProbe:
         error = ""
         if self.di.is_main:
             tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-            meta = {**self.meta, "epoch": str(self.pos.epoch), "config": self.cfg.to_json()}
+            settings = json.dumps(self.settings, sort_keys=True)  # = cfg.to_json()
+            meta = {**self.meta, "epoch": str(self.pos.epoch), "config": settings}
             try:
                 checkpoint.save(self.ckpt_dir, self.pos.step, tensors, meta, self._train_state())
                 checkpoint.prune(self.ckpt_dir, KEEP_CHECKPOINTS, lambda m: False)
             except OSError as e:
-                error = f"{e.strerror or e}"
+                error = checkpoint.write_error(e)
         if dist.any_rank(bool(error)):
             raise UserError(
                 f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); "
-                "free space or choose another --out"
+                "the previous checkpoint is intact: fix that and rerun, or choose another --out"
             )
 
     def restore(self) -> bool:
@@ -209,9 +234,11 @@ class StandardProbe:
                 f"{ck.weights}: saved mid-epoch by {st['world_size']} processes; resume it with "
                 f"--nproc-per-node {st['world_size']} (its data shards depend on the count)"
             )
-        log.info(
-            f"resumed linear evaluation from {ck.weights} (epoch {self.pos.epoch}, step {self.pos.step})"
-        )
+        said = f"resumed linear evaluation from {ck.weights} (epoch {self.pos.epoch}, step {self.pos.step})"
+        was = _saved_epochs(meta.get("config", ""))
+        if was is not None and was < self.lin.epochs:
+            said += f"; continuing to {self.lin.epochs} epochs (it was started for {was})"
+        log.info(said)
         if self.di.is_main:
             log.truncate_jsonl(self.run_dir / "metrics.jsonl", self.pos.step)
         return True
@@ -220,12 +247,17 @@ class StandardProbe:
         if meta.get("weights_sha256") != self.loaded_digest:
             raise UserError(
                 f"{path}: this run directory holds a linear evaluation of other weights "
-                f"({meta.get('arch', '?')}, {meta.get('weights', '?')}); choose another --out"
+                f"({meta.get('arch', '?')}, {meta.get('weights', '?')}); add --fresh to start "
+                "over (it moves the old run to superseded/) or choose another --out"
             )
-        if meta.get("config") != self.cfg.to_json():
+        changes = settings_changes(meta.get("config", ""), self.settings)
+        if changes:
+            items = [f"{k} {show_value(a)} → {show_value(b)}" for k, (a, b) in changes.items()]
+            listed = ", ".join(items[:3]) + (f" … ({len(items)} in all)" if len(items) > 3 else "")
             raise UserError(
-                f"{path}: this run directory was started with other settings (profile or --set); "
-                "rerun with the same ones to continue, or choose another --out"
+                f"{self.run_dir} was started with other settings ({listed}); rerun with its "
+                "settings to continue (a larger linear.epochs continues it), add --fresh to "
+                "start over (the old run moves to superseded/), or choose another --out"
             )
 
     # ----------------------------------------------------------------- training
@@ -241,7 +273,7 @@ class StandardProbe:
             ds,
             batch_size=batch,
             shuffle=False,
-            num_workers=self.cfg.data.workers,
+            num_workers=loader_workers(self.cfg.data.workers),
             pin_memory=self.di.device.type == "cuda",
         )
 
@@ -367,6 +399,15 @@ class StandardProbe:
             stopped=stopped,
             backbone_unchanged=unchanged,
         )
+
+
+def _saved_epochs(saved_json: str) -> int | None:
+    """linear.epochs of a checkpoint's saved settings (None when unreadable)."""
+    try:
+        epochs = json.loads(saved_json)["linear"]["epochs"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return epochs if isinstance(epochs, int) else None
 
 
 # ----------------------------------------------------------------- the cached-feature probe

@@ -26,7 +26,9 @@ class Splits:
     val_source: str
 
 
-def _read_split(path: Path, root: Path | None, what: str) -> tuple[list[Sample], list[str] | None]:
+def _read_split(
+    path: Path, root: Path | None, what: str, allow_outside_root: bool
+) -> tuple[list[Sample], list[str] | None]:
     """(samples, class names or None for a list file) of one split."""
     if path.is_dir():
         samples, classes = scan_imagefolder(path)
@@ -37,7 +39,8 @@ def _read_split(path: Path, root: Path | None, what: str) -> tuple[list[Sample],
             )
         return samples, classes
     if path.is_file():
-        return read_list_file(path, root if root is not None else path.parent), None
+        base = root if root is not None else path.parent
+        return read_list_file(path, base, allow_outside_root=allow_outside_root), None
     raise UserError(f"{what} {path}: no such folder or list file")
 
 
@@ -70,13 +73,19 @@ def resolve_data(data: str | Path | None) -> Path | None:
 
 
 def resolve_splits(
-    data: str | Path | None, train: Path | None = None, val: Path | None = None
+    data: str | Path | None,
+    train: Path | None = None,
+    val: Path | None = None,
+    allow_outside_root: bool = False,
 ) -> Splits:
-    """The labelled splits the user named, with their classes checked against each other."""
+    """The labelled splits the user named, with their classes checked against each other;
+    ``allow_outside_root``: list-file entries may point outside the data root."""
     root = resolve_data(data)
     tpath, vpath = _named_split(root, train, "train"), _named_split(root, val, "val")
-    tr, tr_classes = _read_split(tpath, root, "--train" if train else "train split")
-    va, va_classes = _read_split(vpath, root, "--val" if val else "val split")
+    tr, tr_classes = _read_split(
+        tpath, root, "--train" if train else "train split", allow_outside_root
+    )
+    va, va_classes = _read_split(vpath, root, "--val" if val else "val split", allow_outside_root)
     n = check_classes(tr, va, tr_classes, va_classes, str(tpath), str(vpath))
     return Splits(tr, va, n, tr_classes or [""] * n, str(tpath), str(vpath))
 
