@@ -79,9 +79,14 @@ def _temp_for(path: Path) -> Path:
 
 
 def _write_synced(write: Callable[[str], object], tmp: Path) -> None:
-    write(str(tmp))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except OSError as e:
+        if not e.filename:
+            e.filename = str(tmp)  # a failed write() names no file: name it (write_error)
+        raise
     os.chmod(tmp, _FILE_MODE)
 
 
@@ -111,6 +116,16 @@ def remove_stale_temps(directory: Path) -> int:
                 p.unlink()
                 n += 1
     return n
+
+
+def write_error(e: OSError) -> str:
+    """An OS error while writing, as ``PATH: reason`` (the file it failed on and the OS's words;
+    a temporary name is shown as the file it stands for)."""
+    name = str(e.filename) if e.filename else ""
+    if TMP_PREFIX in name:
+        name = name.replace(TMP_PREFIX, "").rsplit(".", 1)[0]
+    reason = e.strerror or str(e)
+    return f"{name}: {reason}" if name else reason
 
 
 def sha256_file(path: Path) -> str:

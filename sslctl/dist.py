@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from sslctl import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,12 +32,41 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def check_device(device: str) -> str:
+    """``device`` as given when it is one of auto, cpu, cuda, cuda:N and usable here, else a
+    UserError naming the value and what to use instead (checked before any work is done)."""
+    value = device.strip().lower()
+    if value in ("auto", "cpu"):
+        return value
+    if value != "cuda" and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise UserError(
+            f"--device {device[:40]!r} is not a device sslctl knows: use auto, cpu, cuda or cuda:N"
+        )
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--device {value}: no CUDA device is visible on this machine "
+            "(torch.cuda.is_available() is False); use --device cpu or --device auto"
+        )
+    index = int(value[5:]) if ":" in value else 0
+    if index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {value}: this machine shows {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered from 0; use --device cuda:0 … cuda:{torch.cuda.device_count() - 1}"
+        )
+    return value
+
+
 def init(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun; pick this rank's device."""
+    """Initialise the process group when launched by torchrun; pick this rank's device.
+
+    ``device`` is auto (CUDA when visible), cpu, cuda (this rank's LOCAL_RANK GPU) or cuda:N."""
+    device = check_device(device)
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if device.startswith("cuda:") and world == 1:
+        local_rank = int(device[5:])
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,13 +27,15 @@ console = Console(stderr=True, highlight=False)
 
 
 def info(msg: str) -> None:
+    """One line on stderr (rank 0), printed as given: paths and values with ``[`` in them are
+    not read as Rich markup."""
     if dist.is_main():
-        console.print(msg)
+        console.print(escape(msg))
 
 
 def warn(msg: str) -> None:
     if dist.is_main():
-        console.print(f"[yellow]warning:[/] {msg}")
+        console.print(f"[yellow]warning:[/] {escape(msg)}")
 
 
 def make_progress(description: str = "train") -> Progress:

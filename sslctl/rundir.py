@@ -35,22 +35,29 @@ SUPERSEDED = "superseded"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "status.json", "config.yaml")
 
 
-def check_writable(out: Path, refuse_checkpoints: bool = False) -> None:
-    """Create ``out`` and prove it is writable; ``refuse_checkpoints``: refuse a directory that
-    already holds checkpoints (linear-eval --fresh)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".sslctl-write-test-{os.getpid()}"  # not a temporary another run removes
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
+def check_writable(out: Path) -> None:
+    """``out`` is, or can become, a writable folder; nothing is created, so that a refusal later
+    on leaves no empty ``--out`` behind (DirLock creates it when the work starts)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a folder: choose a folder path")
+    if out.is_dir():
+        try:  # a write probe: permissions, ACLs, a read-only mount
+            probe = out / f".sslctl-write-test-{os.getpid()}"  # not a temporary another run removes
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(
+                f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory"
+            ) from None
+        return
+    base = out.absolute().parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"--out {out}: {base} is a file, not a folder; choose another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
         raise UserError(
-            f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory"
-        ) from None
-    if refuse_checkpoints and checkpoint.list_checkpoints(out / "checkpoints"):
-        raise UserError(
-            f"--out {out} already holds checkpoints and --fresh refuses to overwrite them; "
-            "choose another --out or drop --fresh to resume"
+            f"--out {out}: cannot create it, {base} is not writable; choose a writable folder"
         )
 
 
@@ -63,6 +70,7 @@ class DirLock:
     def __init__(self, directory: Path, what: str = "--out"):
         self.directory = directory
         self._fh: IO[str] | None = None
+        self.created = not directory.exists()  # removed again if the command fails before writing
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fh = open(directory / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held open
@@ -109,8 +117,25 @@ class DirLock:
     def __enter__(self) -> DirLock:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self.created:
+            self._discard_if_unused()
         self.release()
+
+    def _discard_if_unused(self) -> None:
+        """A command that failed before writing anything (bad --data, an undecodable image)
+        leaves no new output folder behind: remove the folder this lock created when it holds
+        only the lock and empty folders (a features cache/ made ready, say)."""
+        try:
+            walk = list(os.walk(self.directory, topdown=False))
+            files = [os.path.join(d, f) for d, _, fs in walk for f in fs]
+            if files != [str(self.directory / LOCK_NAME)]:
+                return
+            (self.directory / LOCK_NAME).unlink()
+            for d, _, _ in walk:  # deepest first
+                os.rmdir(d)
+        except OSError:
+            pass  # best effort: an empty folder is harmless
 
 
 def lock_on_main(directory: Path, is_main: bool) -> contextlib.AbstractContextManager[Any]:
@@ -289,7 +314,9 @@ def _continue(
     legacy = () if "data_root" in meta else ("data.root", "eval.knn_every")
     changes = config_changes(meta.get("config", ""), config, ignore=legacy)
     if changes and not req.allow_changes:
-        listed = ", ".join(f"{k} {_show(a)} → {_show(b)}" for k, (a, b) in changes.items())
+        listed = ", ".join(
+            f"{k} {show_value(a)} → {show_value(b)}" for k, (a, b) in changes.items()
+        )
         raise UserError(
             f"{run} was started with other settings ({listed}); rerun with its settings to "
             "continue, add --allow-changes to continue with the new ones (recorded in "
@@ -298,11 +325,16 @@ def _continue(
     return ResumePlan(ck.weights, changes)
 
 
+NEVER_CHANGES = ("description", "data.allow_outside_root")
+
+
 def config_changes(
     saved_json: str, new: dict[str, Any], ignore: tuple[str, ...] = ()
 ) -> dict[str, list[Any]]:
     """Every key whose value differs between a checkpoint's config and the new one. Continuing
-    a run longer (a larger ``train.epochs``) is not a change; neither is the description."""
+    a run longer (a larger ``train.epochs``) is not a change; neither is the description, nor
+    ``data.allow_outside_root`` (a safety switch: which files are read is the data's business,
+    and runs made before it existed read such files without it)."""
     try:
         old = json.loads(saved_json) if saved_json else {}
     except ValueError:
@@ -312,7 +344,7 @@ def config_changes(
     a, b = _flat(old), _flat(new)
     out: dict[str, list[Any]] = {}
     for k in sorted(set(a) | set(b)):
-        if k == "description" or k in ignore or a.get(k) == b.get(k):
+        if k in NEVER_CHANGES or k in ignore or a.get(k) == b.get(k):
             continue
         if k == "train.epochs" and isinstance(a.get(k), int) and b.get(k, 0) > a[k]:
             continue
@@ -343,7 +375,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any) -> str:
+    """A config value as a message shows it: strings quoted, None as (unset)."""
     return "(unset)" if v is None else repr(v) if isinstance(v, str) else str(v)
 
 

@@ -271,8 +271,12 @@ def test_evaluation_output_directories_are_locked(base, tmp_path, command):
     labelled = tmp_path / "labelled"
     for split in ("train", "val"):
         make_images(labelled / split, n=24)
+    data = ["--data", str(labelled)]
+    if command == "eval-reid":  # identities as class folders: train/ as query, val/ as gallery
+        data = ["--layout", "imagefolder", "--query", str(labelled / "train")]
+        data += ["--gallery", str(labelled / "val")]
     with rundir.DirLock(out):
-        r = run_cli(command, str(weights), "--data", str(labelled), "--out", str(out))
+        r = run_cli(command, str(weights), *data, "--out", str(out))
         _one_error(r, f"{out} is in use by pid {os.getpid()} on host")
 
 
@@ -406,3 +410,36 @@ def test_kill9_then_rerun_leaves_no_temporaries_and_a_continuous_history(base, t
 
 if sys.platform != "linux":  # flock and FIFOs as tested here are Linux behaviour
     pytestmark = pytest.mark.skip("Linux only")
+
+
+def test_failed_start_leaves_no_empty_run_folder(base, tmp_path):
+    """A pretrain that fails before writing anything (here: a data folder with no images) does
+    not leave a new, empty --out behind; an existing --out is kept as it was."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "new" / "run"
+    r = run_cli(*_args(base["prof"], empty, out))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not out.exists()
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    r = run_cli(*_args(base["prof"], empty, kept))
+    assert r.returncode == 2
+    assert kept.is_dir()
+
+
+def test_failed_evaluation_leaves_no_empty_out(base, tmp_path):
+    """knn-eval that fails during extraction (an undecodable image: after the lock is taken,
+    before anything is written) leaves no new, empty --out either."""
+    labelled = tmp_path / "labelled"
+    for split in ("train", "val"):
+        make_images(labelled / split, n=12)
+    (labelled / "train" / "c0" / "broken.png").write_bytes(b"")  # the first split extracted
+    out = tmp_path / "knn"
+    weights = checkpoint.resolve(base["done"]).weights
+    r = run_cli("knn-eval", str(weights), "--data", str(labelled), "--out", str(out), "--k", "3")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "broken.png" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists(), sorted(p.name for p in out.iterdir())

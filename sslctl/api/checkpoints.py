@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,10 @@ class CheckpointInfo:
     weights: Path
 
 
-def list_run(run: Path) -> list[CheckpointInfo]:
+def list_run(run: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Every checkpoint of a run (a pretrain or linear-eval ``--out``, or its checkpoints/
+    folder), oldest first: step, epoch, in-epoch position, size, and whether it verifies."""
+    run = Path(run)
     if not run.exists():
         raise UserError(f"{run}: no such run directory")
     if not run.is_dir():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslctl import UserError
+from sslctl import UserError, as_path
 from sslctl.convert import detectron as d2
 from sslctl.convert.extract import as_torchvision
 from sslctl.convert.weights import read_backbone
@@ -24,18 +25,20 @@ class ConvertDetectronResult:
 
 
 def convert_detectron(
-    source: Path,
-    output: Path,
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
     part: str = "online",
-    configs: Path | None = None,
+    configs: str | os.PathLike[str] | None = None,
     configs_style: str = "reference",
+    trust_pickle: bool = False,
 ) -> ConvertDetectronResult:
     """Convert ``source`` (any input read_backbone accepts) to ``output`` (.pkl), atomically.
 
     The converted names are checked against detectron2's full backbone parameter list for the
     architecture: nothing missing, nothing extra. ``configs``: a directory for the COCO and VOC
     R50-C4 configs (SPEC §5) that point at ``output``; ``configs_style``: "reference" (the
-    paper's code as committed) or "moco" (detectron2's step schedule, VOC 24k).
+    paper's code as committed) or "moco" (detectron2's step schedule, VOC 24k);
+    ``trust_pickle``: allow a .pth that needs full unpickling (runs code stored in it).
     """
     d2.check_style(configs_style)
     output = Path(output)
@@ -43,7 +46,8 @@ def convert_detectron(
         raise UserError(
             f"{output}: detectron2 reads converted weights only from a .pkl file; name it *.pkl"
         )
-    weights = read_backbone(Path(source), part)
+    weights = read_backbone(Path(source), part, trust_pickle)
+    configs = as_path(configs)
     origin = weights.meta.get("source", str(source))
     bb = as_torchvision(weights.state, origin)
     if bb.arch not in d2.LAYOUTS:

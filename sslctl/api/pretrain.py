@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sslctl import UserError, config, dist, log, rundir
+from sslctl import UserError, as_path, config, dist, log, rundir
 from sslctl.backbones import infer_arch
 from sslctl.config import Config
 from sslctl.convert.weights import read_backbone
@@ -80,9 +81,9 @@ def resolve_data(cfg: Config, data: Path | None) -> Path:
                 "--data is required: this profile names no data (give --data /path/to/train)"
             )
         data = Path(cfg.data.root)
-    if not data.is_dir():
-        raise UserError(f"--data {data}: no such directory")
-    return data
+    from sslctl.data.select import data_folder
+
+    return data_folder(data)
 
 
 def build_loader(cfg: Config, root: Path, di: dist.DistInfo) -> object:
@@ -132,15 +133,16 @@ def knn_monitor(cfg: Config, di: dist.DistInfo) -> Callable[[nn.Module], dict[st
             batch_size=max(cfg.train.batch_size, 64),
             image_size=cfg.data.image_size,
             workers=cfg.data.workers,
+            max_image_pixels=cfg.data.max_image_pixels,
         )
 
     return monitor
 
 
 def pretrain(
-    profile: str,
-    out: Path,
-    data: Path | None = None,
+    profile: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
     sets: list[str] | None = None,
     resume: str = "auto",
     fresh: bool = False,
@@ -148,9 +150,18 @@ def pretrain(
     rewind: bool = False,
     allow_changes: bool = False,
 ) -> PretrainResult:
-    """``resume``: auto (the run's newest verified checkpoint), none, or a checkpoint path;
-    ``fresh``/``rewind`` move the run's checkpoints aside first (see sslctl.rundir)."""
-    cfg = config.load(profile, sets or [])
+    """Pre-train with ``profile`` (a bundled name or a YAML file) into the run directory ``out``.
+
+    ``data``: the training images (ImageFolder root, or the root of data.list_file; None: the
+    profile's data.root); ``sets``: ``"section.key=value"`` overrides, as ``--set``; ``resume``:
+    auto (the run's newest verified checkpoint), none, or a checkpoint path; ``fresh``/``rewind``
+    move the run's checkpoints aside first (see sslctl.rundir); ``max_steps``: stop (and
+    checkpoint) after that many optimizer steps; ``allow_changes``: resume with other settings.
+    Raises ``sslctl.UserError`` for a mistake, ``Diverged`` when training diverges.
+    """
+    out = Path(out)
+    data = as_path(data)
+    cfg = config.load(os.fspath(profile), sets or [])
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")
     request = rundir.ResumeRequest(resume, fresh, rewind, allow_changes)
@@ -185,7 +196,7 @@ def fit_request(
         torch.use_deterministic_algorithms(True, warn_only=True)
     loader = build_loader(cfg, root, di)
     log.info(
-        f"pretrain [bold]{cfg.method.name}[/] {cfg.model.arch} on {root} → {out} "
+        f"pretrain {cfg.method.name} {cfg.model.arch} on {root} → {out} "
         f"({di.world_size} process(es), {di.device.type}, batch {cfg.train.batch_size}×"
         f"{cfg.train.accumulate}×{di.world_size} = "
         f"{cfg.train.batch_size * cfg.train.accumulate * di.world_size} per step)"

@@ -10,6 +10,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is shown as written ("[label]" stays)
 )
 
 # Subcommands (explicit, no registry). Each module defines `command`.
@@ -23,15 +24,49 @@ from sslctl.cli import linear_eval as _linear_eval  # noqa: E402
 from sslctl.cli import pretrain as _pretrain  # noqa: E402
 from sslctl.cli import profiles as _profiles  # noqa: E402
 
-app.command("pretrain", help=_pretrain.HELP)(_pretrain.command)
-app.command("profiles", help=_profiles.HELP)(_profiles.command)
-app.command("checkpoints", help=_checkpoints.HELP)(_checkpoints.command)
-app.command("extract", help=_extract.HELP)(_extract.command)
-app.command("convert-detectron", help=_convert_detectron.HELP)(_convert_detectron.command)
-app.command("eval-reid", help=_eval_reid.HELP)(_eval_reid.command)
+# Examples for each command, shown under its --help.
+EXAMPLES = {
+    "pretrain": [
+        "sslctl pretrain --profile demo-cpu --out runs/demo",
+        "sslctl pretrain --profile r50-3090x8 --data /data/imagenet/train --out runs/r50 "
+        "--nproc-per-node 8",
+    ],
+    "profiles": ["sslctl profiles", "sslctl profiles show r50-3090x8 --set train.epochs=300"],
+    "checkpoints": ["sslctl checkpoints runs/demo"],
+    "extract": [
+        "sslctl extract runs/demo -o backbone.safetensors",
+        "sslctl extract runs/r50 --part target -o r50.pth   (a torchvision .pth, from the suffix)",
+    ],
+    "convert-detectron": ["sslctl convert-detectron runs/r50 -o r50.pkl --configs d2-configs"],
+    "eval-reid": ["sslctl eval-reid runs/r50 --data /data/Market-1501 --out reid-market"],
+    "linear-eval": [
+        "sslctl linear-eval runs/demo --data bundled --protocol cached --compare-random "
+        "--out runs/demo-eval",
+        "sslctl linear-eval runs/r50 --data /data/imagenet --profile linear-r50 --out runs/lin "
+        "--nproc-per-node 8",
+    ],
+    "knn-eval": ["sslctl knn-eval runs/demo --data bundled --out runs/demo-knn"],
+}
+
+
+def _register(name: str, module: object) -> None:
+    lines = "\n".join(f"  {e}" for e in EXAMPLES[name])
+    app.command(
+        name,
+        help=module.HELP,  # type: ignore[attr-defined]
+        epilog=f"\b\nExamples:\n{lines}",  # \b: Click keeps these lines as written
+    )(module.command)  # type: ignore[attr-defined]
+
+
+_register("pretrain", _pretrain)
+_register("profiles", _profiles)
+_register("checkpoints", _checkpoints)
+_register("extract", _extract)
+_register("convert-detectron", _convert_detectron)
+_register("eval-reid", _eval_reid)
 app.add_typer(_data_check.app, name="data")
-app.command("linear-eval", help=_linear_eval.HELP)(_linear_eval.command)
-app.command("knn-eval", help=_knn_eval.HELP)(_knn_eval.command)
+_register("linear-eval", _linear_eval)
+_register("knn-eval", _knn_eval)
 
 
 def main() -> None:

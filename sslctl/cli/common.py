@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sslctl import UserError, entry
 
@@ -16,6 +16,12 @@ err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Shared by every command that reads weights (extract, linear-eval, knn-eval, eval-reid).
+TRUST_PICKLE_HELP = (
+    "allow a .pth that needs full unpickling (runs code stored in the file; only for files "
+    "whose author you trust)"
+)
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3  # stopped by a signal after checkpointing: rerun to resume
@@ -31,15 +37,10 @@ def user_errors(fn: F) -> F:
             entry.command_started()
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             err_console.print(entry.STOPPED_MESSAGE, markup=False)
             raise typer.Exit(entry.EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def fail(msg: str) -> None:
-    err_console.print(f"[red]error:[/] {msg}", soft_wrap=True)
-    sys.exit(EXIT_USER_ERROR)

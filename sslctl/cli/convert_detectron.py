@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslctl import api
-from sslctl.cli.common import out_console, user_errors
+from sslctl.cli.common import TRUST_PICKLE_HELP, out_console, user_errors
 
 HELP = (
     "Convert a backbone to detectron2's .pkl, checked against its full ResNet parameter list; "
@@ -20,26 +19,38 @@ HELP = (
 @user_errors
 def command(
     source: Annotated[
-        Path, typer.Argument(help="extracted backbone, checkpoint file, run directory, or .pth")
+        Path,
+        typer.Argument(
+            metavar="SOURCE", help="extracted backbone, checkpoint file, run directory, or .pth"
+        ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="detectron2 weights to write (.pkl)")
+        Path,
+        typer.Option(
+            "--output", "-o", metavar="FILE.pkl", help="detectron2 weights to write (.pkl)"
+        ),
     ],
     part: Annotated[
-        str, typer.Option(help="online or target network (sslctl checkpoints)")
+        str,
+        typer.Option(metavar="online|target", help="online or target network (sslctl checkpoints)"),
     ] = "online",
     configs: Annotated[
-        Path | None, typer.Option(help="also write detectron2 configs and train_net.py here")
+        Path | None,
+        typer.Option(metavar="DIR", help="also write detectron2 configs and train_net.py here"),
     ] = None,
     configs_style: Annotated[
         str,
         typer.Option(
+            metavar="reference|moco",
             help="reference (lr 0.05, warm-up + cosine, 180k iterations, as the paper's code) "
-            "or moco (lr 0.02, step schedule, VOC 24k)"
+            "or moco (lr 0.02, step schedule, VOC 24k)",
         ),
     ] = "reference",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
-    r = api.convert_detectron(source, output, part, configs, configs_style)
+    from sslctl import api  # torch: imported when a command runs, not for --help
+
+    r = api.convert_detectron(source, output, part, configs, configs_style, trust_pickle)
     out_console.print(
         f"wrote {r.output}: {r.arch} from {r.source} ({r.source_kind}); {r.tensors} tensors, "
         f"exactly detectron2's {r.arch} backbone names, BN running statistics included "

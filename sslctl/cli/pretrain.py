@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from sslctl import api
 from sslctl.cli.common import EXIT_PREEMPTED, err_console, out_console, user_errors
 
 HELP = (
@@ -27,70 +27,95 @@ EXIT_DIVERGED = 4
 @user_errors
 def command(
     profile: Annotated[
-        str, typer.Option(help="bundled profile name (see `sslctl profiles`) or a YAML file")
+        str,
+        typer.Option(
+            metavar="NAME|FILE", help="bundled profile name (see `sslctl profiles`) or a YAML file"
+        ),
     ],
     out: Annotated[
-        Path, typer.Option(help="run directory (config.yaml, metrics.jsonl, checkpoints/)")
+        Path,
+        typer.Option(
+            metavar="DIR", help="run directory (config.yaml, metrics.jsonl, checkpoints/)"
+        ),
     ],
     data: Annotated[
-        Path | None, typer.Option(help="training images: ImageFolder root (or root of list_file)")
+        Path | None,
+        typer.Option(
+            metavar="DIR", help="training images: ImageFolder root (or root of list_file)"
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="override a config key: --set optim.lr=2.4 (repeatable)"),
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="override a config key: --set optim.lr=2.4 (repeatable)",
+        ),
     ] = None,
     resume: Annotated[
         str,
         typer.Option(
+            metavar="auto|none|PATH",
             help="auto (the newest verified checkpoint in --out), none (from scratch), or a "
-            "checkpoint path; one that is not --out's newest needs --rewind"
+            "checkpoint path; one that is not --out's newest needs --rewind",
         ),
     ] = "auto",
     fresh: Annotated[
         bool,
         typer.Option(
-            help="start over: move --out's checkpoints and metrics.jsonl to --out/superseded/<time>/ first"
+            "--fresh",
+            help="start over: move --out's checkpoints and metrics.jsonl to --out/superseded/<time>/ first",
         ),
     ] = False,
     rewind: Annotated[
         bool,
         typer.Option(
+            "--rewind",
             help="continue from an older --resume PATH: move --out's checkpoints and metrics.jsonl "
-            "to --out/superseded/<time>/ first"
+            "to --out/superseded/<time>/ first",
         ),
     ] = False,
     allow_changes: Annotated[
         bool,
         typer.Option(
-            help="resume even though settings differ from the run's (recorded in metrics.jsonl and status.json)"
+            "--allow-changes",
+            help="resume even though settings differ from the run's (recorded in metrics.jsonl and status.json)",
         ),
     ] = False,
     max_steps: Annotated[
-        int | None, typer.Option(help="stop (and checkpoint) after N optimizer steps")
+        int | None, typer.Option(metavar="N", help="stop (and checkpoint) after N optimizer steps")
     ] = None,
     nproc_per_node: Annotated[
-        int, typer.Option(help="launch N processes with torchrun (DDP); 0 = this process only")
+        int,
+        typer.Option(
+            metavar="N", help="launch N processes with torchrun (DDP); 0 = this process only"
+        ),
     ] = 0,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun
 
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
+    from sslctl import api  # torch: imported when a command runs, not for --help
+
     try:
         res = api.pretrain(
             profile, out, data, set_ or [], resume, fresh, max_steps, rewind, allow_changes
         )
     except api.Diverged as e:
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(EXIT_DIVERGED) from None
     f = res.fit
     if int(os.environ.get("RANK", "0")) == 0:
         if f.stopped == "complete":
-            out_console.print(f"pretrain complete: step {f.step}; checkpoint {f.checkpoint}")
+            out_console.print(
+                f"pretrain complete: step {f.step}; checkpoint {f.checkpoint}", markup=False
+            )
         else:
             out_console.print(
                 f"pretrain {f.stopped}: step {f.step}, epoch {f.epoch}, loss {f.last_loss:.4f}, "
-                f"{f.images_per_s:.1f} img/s; checkpoint {f.checkpoint}"
+                f"{f.images_per_s:.1f} img/s; checkpoint {f.checkpoint}",
+                markup=False,
             )
     if f.stopped == "signal":
         raise typer.Exit(EXIT_PREEMPTED)

@@ -240,7 +240,7 @@ class Trainer:
                 if not bad:
                     self._write_checkpoint(tensors)
             except OSError as e:
-                error = f"{e.strerror or e}"
+                error = checkpoint.write_error(e)
             except Exception as e:  # noqa: BLE001 - a writer's own error type (disk full, …):
                 error = f"{type(e).__name__}: {last_line(e)}"  # told to every rank, not a hang
         failed = dist.all_reduce_max(
@@ -255,7 +255,7 @@ class Trainer:
         if failed[0]:
             raise TrainingHalted(
                 f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); the previous "
-                "checkpoint is intact — free space or fix the directory, then rerun to resume"
+                "checkpoint is intact; fix that, then rerun to resume"
             )
         self.saved = checkpoint.CkptPaths.of(self.ckpt_dir, self.pos.step).weights
         return self.saved
