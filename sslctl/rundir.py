@@ -348,21 +348,22 @@ def config_changes(
             continue
         if k == "train.epochs" and isinstance(a.get(k), int) and b.get(k, 0) > a[k]:
             continue
-        if k not in a and k in b and _is_default(k, b[k]):
+        if k not in a and k in b and _is_default(k, b[k], linear="linear" in new):
             continue  # a key added by a newer sslctl, at its default: nothing changed
         out[k] = [a.get(k), b.get(k)]
     return out
 
 
 @functools.cache
-def _defaults() -> dict[str, Any]:
-    from sslctl.config import Config
+def _defaults(linear: bool) -> dict[str, Any]:
+    from sslctl.config import Config, LinearConfig
 
-    return _flat(Config().to_dict())
+    return _flat((LinearConfig() if linear else Config()).to_dict())
 
 
-def _is_default(key: str, value: Any) -> bool:
-    return bool(_defaults().get(key, object()) == value)
+def _is_default(key: str, value: Any, linear: bool) -> bool:
+    """``value`` is ``key``'s default in the new config's kind (pretrain, or linear-eval)."""
+    return bool(_defaults(linear).get(key, object()) == value)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -290,3 +290,21 @@ def test_eval_list_files_outside_the_root_need_allow_outside_root(tmp_path):
         resolve_splits(root, **lists)
     splits = resolve_splits(root, **lists, allow_outside_root=True)
     assert len(splits.train) == 2 and splits.num_classes == 2
+
+
+def test_keys_added_later_at_their_default_are_no_change_for_linear_runs():
+    """A linear-eval run saved before a key existed (here linear.final_lr_factor, data limits)
+    continues when the key is at the linear-eval default; another value is a change."""
+    import json
+
+    from sslctl import config
+    from sslctl.eval.linear import settings_changes
+
+    new = config.LinearConfig().to_dict()
+    old = json.loads(json.dumps(new))
+    for section, key in [("linear", "final_lr_factor"), ("data", "max_image_pixels")]:
+        del old[section][key]
+    del old["data"]["allow_outside_root"]
+    assert settings_changes(json.dumps(old), new) == {}
+    new["linear"]["final_lr_factor"] = 0.5
+    assert settings_changes(json.dumps(old), new) == {"linear.final_lr_factor": [None, 0.5]}
