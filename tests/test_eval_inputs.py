@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision import models
 from typer.testing import CliRunner
 
 from sslctl import UserError, checkpoint, config
@@ -22,6 +21,7 @@ from sslctl.cli.app import app
 from sslctl.convert.weights import read_backbone
 from sslctl.eval import features
 from tests.linear_helpers import make_dataset, make_run, make_weights, one_torch_thread, tiny_sets
+from tests.test_trust import _booby_trapped
 
 __all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 runner = CliRunner()
@@ -76,20 +76,6 @@ def test_device_is_checked_before_any_work(base, tmp_path, command, device):
 
 
 # ----------------------------------------------------------------- 2. --trust-pickle
-class _Payload:
-    """Unpickling this creates the marker file: a stand-in for code hidden in a .pth."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def _booby_trapped(tmp_path: Path) -> tuple[Path, Path]:
-    marker, evil = tmp_path / "ran", tmp_path / "evil.pth"
-    torch.save({"state_dict": models.resnet18().state_dict(), "x": _Payload(marker)}, evil)
-    return evil, marker
 
 
 @pytest.mark.parametrize("command", ["linear-eval", "knn-eval"])

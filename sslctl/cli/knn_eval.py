@@ -10,7 +10,19 @@ import typer
 from rich.table import Table
 
 from sslctl.cli.common import out_console, user_errors
-from sslctl.cli.linear_eval import OPTION_HELP
+from sslctl.cli.linear_eval import (
+    OPTION_HELP,
+    CacheDir,
+    CompareRandom,
+    Data,
+    Device,
+    Nproc,
+    Part,
+    Profile,
+    Recompute,
+    TrustPickle,
+    Weights,
+)
 
 # torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
@@ -39,8 +51,8 @@ def results_table(r: dict[str, Any]) -> Table:
 
 @user_errors
 def command(
-    weights: Annotated[Path, typer.Argument(metavar="WEIGHTS", help=OPTION_HELP["weights"])],
-    data: Annotated[str | None, Opt(metavar="DIR|bundled", help=OPTION_HELP["data"])] = None,
+    weights: Weights,
+    data: Data = None,
     train: Annotated[
         Path | None, Opt(metavar="PATH", help=f"memory bank split: {OPTION_HELP['split']}")
     ] = None,
@@ -54,25 +66,19 @@ def command(
         float | None,
         Opt(metavar="T", help="vote temperature (default: the profile's knn.temperature, 0.07)"),
     ] = None,
-    profile: Annotated[str | None, Opt(metavar="NAME|FILE", help=OPTION_HELP["profile"])] = None,
+    profile: Profile = None,
     out: Annotated[Path, Opt(metavar="DIR", help="results.json and cache/")] = Path("runs/knn"),
     set_: Annotated[
         list[str] | None,
         Opt("--set", metavar="KEY=VALUE", help="override a profile key (repeatable)"),
     ] = None,
-    compare_random: Annotated[bool, Opt("--compare-random", help=OPTION_HELP["random"])] = False,
-    part: Annotated[
-        str, Opt(metavar="online|target", help="online | target backbone of an sslctl checkpoint")
-    ] = "online",
-    cache_dir: Annotated[
-        Path | None, Opt(metavar="DIR", help="cached features (default: OUT/cache)")
-    ] = None,
-    recompute: Annotated[bool, Opt("--recompute", help="ignore cached features")] = False,
-    device: Annotated[
-        str, Opt(metavar="auto|cpu|cuda|cuda:N", help=OPTION_HELP["device"])
-    ] = "auto",
-    nproc_per_node: Annotated[int, Opt(metavar="N", help=OPTION_HELP["nproc"])] = 0,
-    trust_pickle: Annotated[bool, Opt("--trust-pickle", help=OPTION_HELP["trust_pickle"])] = False,
+    compare_random: CompareRandom = False,
+    part: Part = "online",
+    cache_dir: CacheDir = None,
+    recompute: Recompute = False,
+    device: Device = "auto",
+    nproc_per_node: Nproc = 0,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun

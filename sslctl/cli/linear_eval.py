@@ -42,6 +42,21 @@ OPTION_HELP = {
 }
 
 
+# Options linear-eval and knn-eval share, declared once.
+Weights = Annotated[Path, typer.Argument(metavar="WEIGHTS", help=OPTION_HELP["weights"])]
+Data = Annotated[str | None, Opt(metavar="DIR|bundled", help=OPTION_HELP["data"])]
+Profile = Annotated[str | None, Opt(metavar="NAME|FILE", help=OPTION_HELP["profile"])]
+CompareRandom = Annotated[bool, Opt("--compare-random", help=OPTION_HELP["random"])]
+Part = Annotated[
+    str, Opt(metavar="online|target", help="online | target backbone of an sslctl checkpoint")
+]
+CacheDir = Annotated[Path | None, Opt(metavar="DIR", help="cached features (default: OUT/cache)")]
+Recompute = Annotated[bool, Opt("--recompute", help="ignore cached features")]
+Device = Annotated[str, Opt(metavar="auto|cpu|cuda|cuda:N", help=OPTION_HELP["device"])]
+Nproc = Annotated[int, Opt(metavar="N", help=OPTION_HELP["nproc"])]
+TrustPickle = Annotated[bool, Opt("--trust-pickle", help=OPTION_HELP["trust_pickle"])]
+
+
 def _row(t: Table, name: str, r: dict[str, Any], cached: bool) -> None:
     cells = [f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['best_top1']:.2f}"]
     if cached:
@@ -65,15 +80,15 @@ def results_table(r: dict[str, Any]) -> Table:
 
 @user_errors
 def command(
-    weights: Annotated[Path, typer.Argument(metavar="WEIGHTS", help=OPTION_HELP["weights"])],
-    data: Annotated[str | None, Opt(metavar="DIR|bundled", help=OPTION_HELP["data"])] = None,
+    weights: Weights,
+    data: Data = None,
     train: Annotated[
         Path | None, Opt(metavar="PATH", help=f"training split: {OPTION_HELP['split']}")
     ] = None,
     val: Annotated[
         Path | None, Opt(metavar="PATH", help=f"validation split: {OPTION_HELP['split']}")
     ] = None,
-    profile: Annotated[str | None, Opt(metavar="NAME|FILE", help=OPTION_HELP["profile"])] = None,
+    profile: Profile = None,
     out: Annotated[
         Path, Opt(metavar="DIR", help="run directory (results.json, metrics.jsonl, …)")
     ] = Path("runs/linear"),
@@ -87,20 +102,14 @@ def command(
         list[str] | None,
         Opt("--set", metavar="KEY=VALUE", help="override a profile key: --set linear.lr=0.15"),
     ] = None,
-    compare_random: Annotated[bool, Opt("--compare-random", help=OPTION_HELP["random"])] = False,
-    part: Annotated[
-        str, Opt(metavar="online|target", help="online | target backbone of an sslctl checkpoint")
-    ] = "online",
+    compare_random: CompareRandom = False,
+    part: Part = "online",
     fresh: Annotated[bool, Opt("--fresh", help=OPTION_HELP["fresh"])] = False,
-    cache_dir: Annotated[
-        Path | None, Opt(metavar="DIR", help="cached features (default: OUT/cache)")
-    ] = None,
-    recompute: Annotated[bool, Opt("--recompute", help="ignore cached features")] = False,
-    device: Annotated[
-        str, Opt(metavar="auto|cpu|cuda|cuda:N", help=OPTION_HELP["device"])
-    ] = "auto",
-    nproc_per_node: Annotated[int, Opt(metavar="N", help=OPTION_HELP["nproc"])] = 0,
-    trust_pickle: Annotated[bool, Opt("--trust-pickle", help=OPTION_HELP["trust_pickle"])] = False,
+    cache_dir: CacheDir = None,
+    recompute: Recompute = False,
+    device: Device = "auto",
+    nproc_per_node: Nproc = 0,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun
