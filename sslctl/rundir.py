@@ -70,7 +70,9 @@ class DirLock:
     def __init__(self, directory: Path, what: str = "--out"):
         self.directory = directory
         self._fh: IO[str] | None = None
-        self.created = not directory.exists()  # removed again if the command fails before writing
+        # folders this lock creates (the directory and missing parents, deepest first): removed
+        # again, when empty, if the command fails before writing anything
+        self.created = [p for p in [directory, *directory.absolute().parents] if not p.exists()]
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fh = open(directory / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held open
@@ -134,6 +136,8 @@ class DirLock:
             (self.directory / LOCK_NAME).unlink()
             for d, _, _ in walk:  # deepest first
                 os.rmdir(d)
+            for parent in self.created[1:]:
+                os.rmdir(parent)  # only while empty: OSError otherwise, and we stop
         except OSError:
             pass  # best effort: an empty folder is harmless
 

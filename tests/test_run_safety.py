@@ -422,7 +422,7 @@ def test_failed_start_leaves_no_empty_run_folder(base, tmp_path):
     r = run_cli(*_args(base["prof"], empty, out))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr + r.stdout
-    assert not out.exists()
+    assert not out.exists() and not out.parent.exists()  # nor the parent it made for it
     kept = tmp_path / "existing"
     kept.mkdir()
     r = run_cli(*_args(base["prof"], empty, kept))
