@@ -159,7 +159,8 @@ def _check_choices(o: EvalReidOptions) -> None:
 
 
 def _resolve(o: EvalReidOptions) -> EvalReidOptions:
-    """Fill defaults (explicit flag, then --compat, then the layout's); choices checked first."""
+    """Check choices, then fill defaults (explicit flag, then --compat, then the layout's)."""
+    _check_choices(o)
     preset = COMPAT.get(o.compat or "", {})
     defaults = layout_defaults(_defaults_layout(o))
 

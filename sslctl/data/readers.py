@@ -528,7 +528,8 @@ def _outside_error(lp: Path, entry: _Entry, path: str, n: int, check: _RootCheck
     many = f"{n:,} such entries" if n > 1 else "1 such entry"
     return UserError(
         f"list file {quote(lp, 80)}, line {lineno}: {quote(rel, 80)} is outside the data "
-        f"root{via} ({many}); use paths under the root, or set data.allow_outside_root=true"
+        f"root{via} ({many}); use paths under the root, or set data.allow_outside_root=true "
+        "(data check: --allow-outside-root)"
     )
 
 
