@@ -50,7 +50,7 @@ def test_pretrain_extract_knn_checkpoints_and_data_check_take_str_and_pathlike(t
     opts = api.KnnEvalOptions(weights=str(bb), data=Where(labelled), out=str(out), k=3)  # type: ignore[arg-type]
     assert isinstance(opts.weights, Path) and isinstance(opts.out, Path)
     assert opts.data == str(labelled)  # data also takes "bundled": a str
-    r = api.knn_eval(opts)
+    r = api.knn_eval(str(bb), data=Where(labelled), out=str(out), k=3)
     assert 0.0 <= r.results["top1"] <= 100.0 and (out / "results.json").is_file()
 
     checked = api.data_check(str(data))

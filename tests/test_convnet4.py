@@ -12,7 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 from sslctl import UserError, api, checkpoint, config
-from sslctl.api.linear_eval import LinearEvalOptions
 from sslctl.backbones import ConvNet4, build_backbone, feature_dim, infer_arch, load_backbone
 from sslctl.cli.app import app
 from sslctl.convert.weights import read_backbone
@@ -132,11 +131,10 @@ def test_extract_both_formats_and_read_back(demo_run, tmp_path):
 def test_linear_eval_runs_on_convnet4_with_a_random_init_baseline(demo_run, tmp_path):
     data, run = demo_run
     sets = tuple(tiny_sets("linear.epochs=1"))
-    o = LinearEvalOptions(
-        weights=run, data=str(data), profile="linear-demo-cpu", out=tmp_path / "ev",
+    res = api.linear_eval(
+        run, data=str(data), profile="linear-demo-cpu", out=tmp_path / "ev",
         protocol="cached", sets=sets, compare_random=True, device="cpu",
-    )  # fmt: skip
-    res = api.linear_eval(o).results
+    ).results  # fmt: skip
     assert res["arch"] == "convnet4" and res["backbone_unchanged"] is True
     assert res["random_init"]["backbone_unchanged"] is True
     assert len(res["history"]) == len(res["random_init"]["history"]) == 30  # cached.epochs

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from sslctl import api
-from sslctl.api.linear_eval import LinearEvalOptions
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +32,10 @@ def test_demo_pretraining_beats_random_init(tmp_path):
     run = tmp_path / "demo"
     res = api.pretrain("demo-cpu", run, None, ["train.epochs=6", "eval.knn_every=0"], fresh=True)
     assert res.fit.step == 6 * (2874 // 64)
-    o = LinearEvalOptions(
-        weights=run, data="bundled", out=tmp_path / "eval", protocol="cached",
+    r = api.linear_eval(
+        run, data="bundled", out=tmp_path / "eval", protocol="cached",
         compare_random=True, device="cpu",
-    )  # fmt: skip
-    r = api.linear_eval(o).results
+    ).results  # fmt: skip
     rand = r["random_init"]
     assert r["arch"] == "convnet4" and r["backbone_unchanged"] and rand["backbone_unchanged"]
     assert r["top1"] >= rand["top1"] + 7.0, (r["top1"], rand["top1"])

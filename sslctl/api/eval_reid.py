@@ -618,10 +618,18 @@ def _write_outputs(o: EvalReidOptions, results: dict[str, Any], m: rmx.ReidMetri
     return w
 
 
-def eval_reid(opts: EvalReidOptions) -> EvalReidResult:
-    """Evaluate re-ID features of a backbone (or given features files); see the module doc.
+def eval_reid(weights: str | os.PathLike[str] | None = None, **options: Any) -> EvalReidResult:
+    """Evaluate re-ID features of the backbone in ``weights`` (or of given features files); see
+    the module doc. ``options``: keyword arguments named as the fields of ``EvalReidOptions``
+    (the CLI's flags: ``data``, ``layout``, ``out`` …); paths may be str or PathLike. Every
+    option is checked first (``validate``), before weights, features or ranks.
 
-    Every option is checked first (``validate``), before weights, features or ranks."""
+    >>> api.eval_reid("runs/r50", data="/data/Market-1501", out="reid-market")
+    """
+    return _eval_reid(EvalReidOptions(weights=weights, **options))  # type: ignore[arg-type]
+
+
+def _eval_reid(opts: EvalReidOptions) -> EvalReidResult:
     o = validate(opts)
     di = dist.init(o.device)
     try:

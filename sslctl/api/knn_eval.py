@@ -10,6 +10,7 @@ in linear-eval.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,18 @@ def _one(
     return {**acc, "features_from_cache": hit, "backbone_unchanged": unchanged}
 
 
-def knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
-    """Weighted kNN top-1/top-5 of ``o.weights`` on labelled splits (centre-crop features,
-    extracted once and cached); writes ``o.out/results.json``. Paths may be str or PathLike."""
+def knn_eval(weights: str | os.PathLike[str], **options: Any) -> KnnEvalResult:
+    """Weighted kNN top-1/top-5 of ``weights`` on labelled splits (centre-crop features,
+    extracted once and cached); writes ``out/results.json``. ``options``: keyword arguments
+    named as the fields of ``KnnEvalOptions`` (the CLI's flags: ``data``, ``k``, ``out`` …);
+    paths may be str or PathLike.
+
+    >>> api.knn_eval("runs/demo", data="bundled", k=20, out="runs/demo-knn")
+    """
+    return _knn_eval(KnnEvalOptions(weights=weights, **options))  # type: ignore[arg-type]
+
+
+def _knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
     dist.check_device(o.device)  # before anything is read, extracted or created
     sets = list(o.sets)
     if o.k is not None:

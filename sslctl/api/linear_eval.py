@@ -17,6 +17,7 @@ image size they were trained at, unless a ``--profile`` other than the default o
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -304,8 +305,18 @@ def _context(o: LinearEvalOptions, profile: str, m: Matched, splits: Splits, bb:
     }
 
 
-def linear_eval(o: LinearEvalOptions) -> LinearEvalResult:
-    """Evaluate a backbone with a linear head; see the module doc."""
+def linear_eval(weights: str | os.PathLike[str], **options: Any) -> LinearEvalResult:
+    """Evaluate the backbone in ``weights`` with a linear head (see the module doc); writes
+    ``out/results.json``. ``options``: keyword arguments named as the fields of
+    ``LinearEvalOptions`` (the CLI's flags: ``data``, ``protocol``, ``out`` …); paths may be str
+    or PathLike.
+
+    >>> api.linear_eval("runs/demo", data="bundled", protocol="cached", out="runs/demo-eval")
+    """
+    return _linear_eval(LinearEvalOptions(weights=weights, **options))  # type: ignore[arg-type]
+
+
+def _linear_eval(o: LinearEvalOptions) -> LinearEvalResult:
     if o.protocol not in PROTOCOLS:
         raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{o.protocol}'")
     dist.check_device(o.device)  # before anything is read, extracted or created

@@ -163,7 +163,7 @@ def command(
         if layout is None and checked.layout is not None:  # detected once, here
             argv = [*argv, "--layout", str(checked.layout)]
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, argv))
-    res = api.eval_reid(opts)
+    res = api.eval_reid(**vars(opts))
     if not res.results:  # ranks other than 0 under torchrun
         return
     out_console.print(_table(res.results))

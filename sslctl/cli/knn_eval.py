@@ -89,13 +89,12 @@ def command(
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
     from sslctl import api
 
-    opts = api.KnnEvalOptions(
-        weights=weights, data=data, train=train, val=val, k=k, temperature=temperature,
+    res = api.knn_eval(
+        weights, data=data, train=train, val=val, k=k, temperature=temperature,
         profile=profile, out=out, sets=tuple(set_ or ()), compare_random=compare_random,
         part=part, cache_dir=cache_dir, recompute=recompute, device=device,
         trust_pickle=trust_pickle,
     )  # fmt: skip
-    res = api.knn_eval(opts)
     if not res.results:  # ranks other than 0 under torchrun
         return
     out_console.print(results_table(res.results))

@@ -120,13 +120,12 @@ def command(
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
     from sslctl import api
 
-    opts = api.LinearEvalOptions(
-        weights=weights, data=data, train=train, val=val, profile=profile, out=out,
+    res = api.linear_eval(
+        weights, data=data, train=train, val=val, profile=profile, out=out,
         protocol=protocol, sets=tuple(set_ or ()), compare_random=compare_random, part=part,
         fresh=fresh, cache_dir=cache_dir, recompute=recompute, device=device,
         trust_pickle=trust_pickle,
     )  # fmt: skip
-    res = api.linear_eval(opts)
     if res.stopped == "signal":
         if int(os.environ.get("RANK", "0")) == 0:
             out_console.print("linear-eval stopped by a signal (checkpointed); rerun to continue")
