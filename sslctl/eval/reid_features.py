@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import sslctl
 from sslctl import UserError, checkpoint
+from sslctl.data.readers import quote
 
 FORMAT = "sslctl-reid-features"
 FORMAT_VERSION = "1"
@@ -117,9 +118,8 @@ def _check_string_list(path: Path, meta: dict[str, str], key: str, n: int) -> No
     except ValueError:
         value = None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        shown = text if len(text) <= 30 else text[:30] + "…"
         raise UserError(
-            f"{path}: metadata '{key}' is not a JSON list of strings (got {shown!r}); "
+            f"{path}: metadata '{key}' is not a JSON list of strings (got '{quote(text, 30)}'); "
             f"write it as a JSON list of {n} strings, one per feature row, or drop the key"
         )
     if len(value) != n:
