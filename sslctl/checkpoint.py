@@ -1,8 +1,9 @@
 """Checkpoints: safetensors weights + a separate train-state file + a manifest written last.
 
 A checkpoint named ``step_00001234`` in ``RUN/checkpoints/`` is three files:
-- ``step_00001234.safetensors``: weights (``online.backbone.*``, ``online.projector.*``,
-  ``predictor.*``, ``target.*``) with string metadata (format, method, arch, config JSON, step).
+- ``step_00001234.safetensors``: weights (``online.backbone.*``, ``online.projector.*``, then
+  ``predictor.*`` and ``target.*`` for the methods that have them, MoCo v2's ``queue`` and
+  ``queue_ptr``) with string metadata (format, method, arch, config JSON, step).
 - ``step_00001234.state.pt``: optimizer, scaler, step, epoch, data position, RNG (tensors and
   plain containers only, so it loads with ``weights_only=True``).
 - ``step_00001234.json``: manifest with the sha256 of both files; written last, so a checkpoint

@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses loaded from profile YAML files.
 
 A profile is a YAML mapping of sections (``model``, ``method``, ``loss``, ``optim``, ``train``,
-``data``, ``ckpt``, ``init``, ``eval``) to flat ``key: value`` mappings, one level deep. Unknown
+``data``, ``ckpt``, ``init``, ``eval``, ``log``, ``paper``) to flat ``key: value`` mappings, one level deep. Unknown
 keys, wrong types and values outside ``RANGES`` are errors that name the key and the file.
 ``--set section.key=value`` overrides a value (parsed as YAML). Derived values are computed in code.
 
@@ -55,13 +55,19 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class MethodCfg:
-    name: str = "triplet"  # triplet | byol
-    base_momentum: float = 0.99  # m0 of the cosine target-momentum schedule
+    name: str = "triplet"  # triplet | byol | simclr | mocov2 | simsiam
+    # triplet/byol: m0 of the cosine target-momentum schedule; mocov2: the key encoder's
+    # constant momentum (0.999 in MoCo); simclr/simsiam have no momentum network
+    base_momentum: float = 0.99
     multires: bool = True  # SPEC §1 multi-resolution inputs (triplet)
     online_res_min: int = 96
     online_res_max: int = 224
     target_res_min: int = 128
     target_res_max: int = 224
+    queue_size: int = 65536  # mocov2: keys in the queue of negatives
+    # mocov2 on one process: the key (and query) encoders' batch statistics are taken over this
+    # many sub-batches (MoCo's split-batch BN; 1 = off); with several processes, shuffle-BN
+    bn_splits: int = 8
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class LossCfg:
     drop_nearest: int = 1  # nearest negatives dropped ("truncated")
     keep: int = 9  # negatives averaged after the dropped ones
     gather_negatives: bool = False  # negatives from every GPU's micro-batch (not the reference)
+    temperature: float = 0.1  # simclr (NT-Xent τ, 0.1) and mocov2 (InfoNCE τ, 0.2)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,9 @@ class DataCfg:
     crop_scale_min: float = 0.08
     workers: int = 8
     pin_memory: bool = True
+    # the augmentation recipe of the two views: byol (BYOL's asymmetric pair: Triplet and BYOL),
+    # simclr (SimCLR's symmetric pair) or mocov2 (MoCo v2's symmetric pair: MoCo v2, SimSiam)
+    views: str = "byol"
     # list-file entries whose paths resolve outside root (../, absolute, symlinks) are refused
     # unless this is true
     allow_outside_root: bool = False
@@ -143,6 +153,20 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
+class LogCfg:
+    tensorboard: bool = False  # also write the metrics as TensorBoard events under RUN/tb/
+
+
+@dataclass(frozen=True)
+class PaperCfg:
+    """The published number this recipe is expected to reach (0 = the profile names none);
+    ``sslctl report`` shows it beside the measured one."""
+
+    imagenet_top1: float = 0.0  # ImageNet linear-evaluation top-1, %
+    sysu30k_rank1: float = 0.0  # SYSU-30k re-identification rank-1, %
+
+
+@dataclass(frozen=True)
 class Config:
     description: str = ""
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -154,6 +178,8 @@ class Config:
     ckpt: CkptCfg = field(default_factory=CkptCfg)
     init: InitCfg = field(default_factory=InitCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    paper: PaperCfg = field(default_factory=PaperCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,7 +260,8 @@ class LinearConfig:
 KINDS = ("pretrain", "linear-eval")
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method.name": ("triplet", "byol"),
+    "method.name": ("triplet", "byol", "simclr", "mocov2", "simsiam"),
+    "data.views": ("byol", "simclr", "mocov2"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.schedule": ("reference", "per-step"),
     "model.init": ("reference", "torchvision"),
@@ -301,7 +328,10 @@ RANGES: dict[str, Range] = {
     "method.online_res_max": Range(1, 4096),
     "method.target_res_min": Range(1, 4096),
     "method.target_res_max": Range(1, 4096),
+    "method.queue_size": Range(1, 1 << 24),
+    "method.bn_splits": Range(1, 1024),
     "loss.gamma": POSITIVE,
+    "loss.temperature": POSITIVE,
     "loss.margin": NON_NEGATIVE,
     "loss.drop_nearest": Range(0, 65_535),
     "loss.keep": Range(1, 65_535),
@@ -351,6 +381,8 @@ RANGES: dict[str, Range] = {
     "knn.k": Range(1, 100_000),
     "knn.temperature": POSITIVE,
     "knn.chunk": Range(1, 2**20),
+    "paper.imagenet_top1": Range(0, 100),
+    "paper.sysu30k_rank1": Range(0, 100),
 }
 
 
@@ -551,6 +583,23 @@ def validate(cfg: Config, source: str) -> None:
         f"micro-batch needs {need_n} samples (1 positive + {cfg.loss.drop_nearest} dropped + "
         f"{cfg.loss.keep} kept negatives); raise train.batch_size or lower loss.keep",
     )
+    need(
+        cfg.method.name == "triplet" or cfg.train.batch_size >= 2,
+        f"method.name {cfg.method.name} needs train.batch_size >= 2 (batch statistics and "
+        "negatives come from the other images of a micro-batch)",
+    )
+    if cfg.method.name == "mocov2":
+        need(
+            not cfg.model.sync_bn,
+            "method.name mocov2 normalises the key encoder with shuffle-BN (each process's own "
+            "batch statistics), which SyncBN would undo; set model.sync_bn: false",
+        )
+        need(
+            cfg.train.batch_size % m.bn_splits == 0,
+            f"train.batch_size {cfg.train.batch_size} must be a multiple of method.bn_splits "
+            f"{m.bn_splits} (MoCo's split-batch BN on one process); change one of them, or set "
+            "method.bn_splits: 1 to turn split-batch BN off",
+        )
 
 
 def validate_linear(cfg: LinearConfig, source: str) -> None:

@@ -20,9 +20,20 @@ def torchrun(out: Path, *extra: str) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("gather", ["false", "true"])
-def test_two_ranks_hold_identical_weights(tmp_path, gather):
-    torchrun(tmp_path, f"loss.gather_negatives={gather}")
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["loss.gather_negatives=false"],
+        ["loss.gather_negatives=true"],
+        # the baselines: SimCLR's negatives gathered with gradient, MoCo's shuffle-BN and queue
+        ["method.name=simclr", "loss.gather_negatives=true"],
+        ["method.name=mocov2", "method.bn_splits=4", "method.queue_size=96"],
+        ["method.name=simsiam"],
+    ],
+    ids=["triplet", "triplet-gather", "simclr", "mocov2", "simsiam"],
+)
+def test_two_ranks_hold_identical_weights(tmp_path, sets):
+    torchrun(tmp_path, *sets)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["step"] == r1["step"] == 3

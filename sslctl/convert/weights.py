@@ -81,7 +81,7 @@ def _read(path: Path, part: str, trust_pickle: bool | None) -> BackboneWeights:
             checkpoint.verify_explicit(ck.weights)
         state, meta = checkpoint.load_safetensors(ck.weights, prefix=f"{part}.backbone.")
         if not state:
-            raise UserError(f"{ck.weights}: no '{part}.backbone.*' tensors inside")
+            raise _no_part(ck.weights, part, meta)
         return BackboneWeights(state, "sslctl-checkpoint", {**meta, "source": str(ck.weights)})
     if path.suffix == ".safetensors":
         return _read_safetensors(path, part)
@@ -91,6 +91,15 @@ def _read(path: Path, part: str, trust_pickle: bool | None) -> BackboneWeights:
             "use the .safetensors or .pth it was made from"
         )
     return _read_pickle(path, part, trust_pickle)
+
+
+def _no_part(path: Path, part: str, meta: dict[str, str]) -> UserError:
+    if part == "target" and meta.get("method") in ("simclr", "simsiam"):
+        return UserError(
+            f"{path}: a {meta['method']} checkpoint has no target network (the method trains "
+            "one encoder); use --part online"
+        )
+    return UserError(f"{path}: no '{part}.backbone.*' tensors inside")
 
 
 def _resolve(path: Path) -> checkpoint.CkptPaths:
@@ -125,6 +134,8 @@ def _read_safetensors(path: Path, part: str) -> BackboneWeights:
     if any(k.startswith(prefix) for k in state):
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         return BackboneWeights(sub, "sslctl-checkpoint", {**meta, "source": str(path)})
+    if part == "target" and any(k.startswith("online.backbone.") for k in state):
+        raise _no_part(path, part, meta)
     if part != "online" or any(k.startswith(("online.", "target.")) for k in state):
         raise UserError(f"{path}: no '{prefix}*' tensors inside")
     if not state:

@@ -23,7 +23,10 @@ from sslctl.data.views import (
     hue_degrees,
     linear_train,
     linear_val,
+    mocov2_views,
     reid,
+    simclr_views,
+    view_pair,
 )
 
 __all__ = [
@@ -38,9 +41,12 @@ __all__ = [
     "linear_train",
     "linear_val",
     "load_rgb",
+    "mocov2_views",
     "quote",
     "read_list_file",
     "reid",
     "require_dir",
     "scan_imagefolder",
+    "simclr_views",
+    "view_pair",
 ]

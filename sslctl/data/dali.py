@@ -21,8 +21,10 @@ Design (why it looks like this):
 Units: DALI's hue is in degrees (``views.hue_degrees``); blur needs an explicit kernel size
 (``views.blur_kernel_size``). torchvision applies the four jitter adjustments in a random order,
 this backend always as brightness → contrast → saturation/hue; DALI's hue rotation is linear in
-YIQ (hue shifts of the same mean, ±10° spread); contrast blends with the image's mean luma, as
-torchvision does. Images are decoded without EXIF rotation, as torchvision reads them.
+YIQ (hue shifts of the same mean, ±10° spread) for hue ranges up to ``YIQ_HUE_MAX`` (BYOL's and
+MoCo v2's ±0.1 turn), while wider ranges (SimCLR's ±0.2) repeat torchvision's 8-bit HSV shift
+(``_pil_hue``); contrast blends with the image's mean luma, as torchvision does. Images are
+decoded without EXIF rotation, as torchvision reads them.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ _VIEW_FIELDS = (
     "jitter",  # bool: colour jitter applied
     "brightness",
     "contrast",
-    "saturation",  # 0 when the view is grayscale (graying after jitter = zero saturation)
-    "hue",  # degrees
+    # 0 when the view is grayscale (graying after jitter = zero saturation), except after
+    # jitter with _pil_hue: its hue shift changes luma, so graying comes after it
+    "saturation",
+    "hue",  # degrees (fn.hsv), or PIL hue steps for ranges over YIQ_HUE_MAX (_pil_hue)
     "gray",
     "flip",
     "blur",
@@ -129,6 +133,25 @@ def _degrees_per_turn(spec: ViewSpec) -> float:
     return hue_degrees(spec) / spec.hue if spec.hue > 0 else 0.0
 
 
+# DALI's own hue (fn.hsv) rotates the chroma in YIQ, keeping luma; torchvision's shifts the hue
+# in PIL's 8-bit HSV, keeping value and saturation (so luma changes). Up to ±0.1 turn (BYOL, MoCo
+# v2) the two agree within tests/test_dali.py's tolerances; at SimCLR's ±0.2 turn (72°) the YIQ
+# views are darker and flatter (batch channel std off by up to 0.07 of a normalised unit,
+# tests/test_view_recipes.py), so wider ranges use _pil_hue: torchvision's arithmetic, several
+# times the cost of fn.hsv on the CPU.
+YIQ_HUE_MAX = 0.1
+
+
+def _uses_pil_hue(spec: ViewSpec) -> bool:
+    return spec.hue > YIQ_HUE_MAX
+
+
+def _pil_hue_steps(hue: float) -> float:
+    """torchvision's hue shift of a PIL image (``uint8(int32(hue * 255))``) in PIL's 8-bit hue
+    units: a turn is 255 of them, and the shifted hue wraps at 256 (torchvision's uint8 sum)."""
+    return float(int(hue * 255) % 256)
+
+
 def _view_arrays(params: Sequence[ViewParams], spec: ViewSpec) -> list[np.ndarray]:
     """The drawn parameters of one view for a batch, as the arrays _VIEW_FIELDS names."""
     n = len(params)
@@ -136,13 +159,14 @@ def _view_arrays(params: Sequence[ViewParams], spec: ViewSpec) -> list[np.ndarra
     colour = np.tile(np.array([1.0, 1.0, 1.0, 0.0], np.float32), (n, 1))  # b, c, s, hue
     sigma, window = np.ones(n, np.float32), np.full(n, 3, np.int32)
     to_deg = _degrees_per_turn(spec)
+    pil_hue = _uses_pil_hue(spec)
     for i, p in enumerate(params):
         left, top, right, bottom = p.box
         start[i], end[i] = (top, left), (bottom, right)
         if p.jitter is not None:
             _, b, c, s, h = p.jitter
-            colour[i] = (b, c, s, h * to_deg)
-        if p.gray:
+            colour[i] = (b, c, s, _pil_hue_steps(h) if pil_hue else h * to_deg)
+        if p.gray and not (pil_hue and p.jitter is not None):
             colour[i, 2] = 0.0
         if p.blur_sigma is not None:
             sigma[i], window[i] = p.blur_sigma, blur_kernel_size(p.blur_sigma)
@@ -211,6 +235,32 @@ def _contrast(v: Any, factor: Any, gpu: bool) -> Any:
     return fn.cast(dmath.clamp(mean + c * (v - mean), 0.0, 255.0), dtype=types.UINT8)
 
 
+def _pil_hue(v: Any, steps: Any, gpu: bool) -> Any:
+    """torchvision's ``adjust_hue`` of a PIL image: RGB to PIL's 8-bit HSV, hue + ``steps``
+    (mod 256), back to RGB — PIL's rounding included (off by one hue step on ~0.1 % of pixels,
+    float32 here where PIL mixes in doubles). Elementwise DALI arithmetic on uint8 HWC."""
+    fn, types, dmath = _ops()
+    x = fn.cast(v, dtype=types.FLOAT)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    val = dmath.max(r, dmath.max(g, b))
+    chroma = val - dmath.min(r, dmath.min(g, b))
+    red = r == val  # PIL's branches: red is the maximum, else green, else blue
+    green = (g == val) & (r != val)
+    blue = (r != val) & (g != val)
+    num = red * (g - b) + green * (b - r) + blue * (r - g)
+    sector = num / dmath.max(chroma, 1.0) + 2.0 * green + 4.0 * blue  # hue in sixths, [-1, 5)
+    h = sector * (255.0 / 6.0) + 255.0
+    h = dmath.floor(h - 255.0 * dmath.floor(h * (1.0 / 255.0))) + (steps.gpu() if gpu else steps)
+    h6 = (h - 256.0 * (h >= 256.0)) * (6.0 / 255.0)  # uint8 wrap-around, then sixths again
+    vs = val * (dmath.floor(chroma / dmath.max(val, 1.0) * 255.0) * (1.0 / 255.0))  # value × S
+    rgb = []
+    for n in (5.0, 3.0, 1.0):  # PIL's six-case HSV → RGB as one piecewise-linear formula
+        k = h6 + n
+        k = k - 6.0 * (k >= 6.0)
+        rgb.append(dmath.floor(val - vs * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0) + 0.5))
+    return fn.cast(fn.stack(*rgb, axis=2, axis_name="C"), dtype=types.UINT8)
+
+
 def _solarize_lut(threshold: int) -> list[float]:
     # PIL's ImageOps.solarize (the reference): values >= threshold are inverted.
     return [float(255 - v if v >= threshold else v) for v in range(256)]
@@ -236,7 +286,12 @@ def _render_view(
     if a["jitter"]:
         v = fn.brightness_contrast(v, brightness=a["brightness"])
         v = _contrast(v, a["contrast"], gpu)
-        v = fn.hsv(v, hue=a["hue"], saturation=a["saturation"])
+        if _uses_pil_hue(spec):
+            v = _pil_hue(fn.hsv(v, saturation=a["saturation"]), a["hue"], gpu)
+            if a["gray"]:  # after the hue shift, which changes luma (torchvision's order)
+                v = fn.hsv(v, saturation=0.0)
+        else:
+            v = fn.hsv(v, hue=a["hue"], saturation=a["saturation"])
     elif a["gray"]:
         v = fn.hsv(v, saturation=a["saturation"])
     if a["blur"]:

@@ -34,7 +34,7 @@ from sslctl.data.readers import (
     require_dir,
     scan_imagefolder,
 )
-from sslctl.data.views import ViewSpec, byol_views
+from sslctl.data.views import ViewSpec, view_pair
 from sslctl.dist import DistInfo
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
         raise UserError(
             f"--data {quote(root)}: no images found (expected class folders of .jpg/.png files)"
         )
-    specs = byol_views(cfg.data.image_size, cfg.data.crop_scale_min)
+    specs = view_pair(cfg.data.views, cfg.data.image_size, cfg.data.crop_scale_min)
     cuda = di.device.type == "cuda"
 
     def probe() -> str | None:

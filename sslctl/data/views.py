@@ -66,6 +66,50 @@ def byol_views(size: int = 224, scale_min: float = 0.08) -> tuple[ViewSpec, View
     return replace(common, blur_p=1.0, solarize_p=0.0), replace(common, blur_p=0.1, solarize_p=0.2)
 
 
+def simclr_views(size: int = 224, scale_min: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
+    """SimCLR's symmetric pair (Chen et al. 2020, appendix A): crop, flip, colour jitter of
+    strength 1 (0.8/0.8/0.8/0.2) with p 0.8, grayscale p 0.2, blur p 0.5, no solarisation."""
+    v = ViewSpec(
+        size=size,
+        scale=(scale_min, 1.0),
+        brightness=0.8,
+        contrast=0.8,
+        saturation=0.8,
+        hue=0.2,
+        blur_p=0.5,
+        solarize_p=0.0,
+    )
+    return v, v
+
+
+def mocov2_views(size: int = 224, scale_min: float = 0.2) -> tuple[ViewSpec, ViewSpec]:
+    """MoCo v2's symmetric pair (Chen et al. 2020, "aug_plus"; SimSiam uses it too): crop
+    (torchvision's bilinear), jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2, blur p 0.5,
+    flip, no solarisation."""
+    v = ViewSpec(
+        size=size,
+        scale=(scale_min, 1.0),
+        interpolation="bilinear",
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        blur_p=0.5,
+        solarize_p=0.0,
+    )
+    return v, v
+
+
+# data.views -> the recipe of the two views (each called with data.image_size, data.crop_scale_min)
+VIEW_RECIPES = {"byol": byol_views, "simclr": simclr_views, "mocov2": mocov2_views}
+
+
+def view_pair(recipe: str, size: int, scale_min: float) -> tuple[ViewSpec, ViewSpec]:
+    """The two view specs of ``data.views`` = ``recipe`` at ``size`` px, crops of at least
+    ``scale_min`` of the image."""
+    return VIEW_RECIPES[recipe](size, scale_min)
+
+
 def hue_degrees(spec: ViewSpec) -> float:
     """The hue range in degrees, as DALI's ``hue`` argument wants it.
 

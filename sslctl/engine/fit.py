@@ -102,10 +102,17 @@ class Position:
     batch: int = 0  # micro-batches of `epoch` already consumed
 
 
-def build_optimizer(cfg: Config, online: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: Config, online: nn.Module, fixed_lr: tuple[str, ...] = ()
+) -> torch.optim.Optimizer:
     """LARS, SGD or AdamW over the SPEC §1 groups: biases and BN parameters get no weight
-    decay (and, under LARS, no trust ratio)."""
-    groups = param_groups_lars(online, cfg.optim.weight_decay)
+    decay (and, under LARS, no trust ratio). Parameters named with a ``fixed_lr`` prefix get
+    groups of their own marked ``fixed_lr`` (their lr stays at optim.lr: SimSiam's predictor)."""
+    named = list(online.named_parameters())
+    fixed = [(n, p) for n, p in named if fixed_lr and n.startswith(fixed_lr)]
+    scheduled = [(n, p) for n, p in named if not (fixed_lr and n.startswith(fixed_lr))]
+    groups = param_groups_lars(scheduled, cfg.optim.weight_decay)
+    groups += [{**g, "fixed_lr": True} for g in param_groups_lars(fixed, cfg.optim.weight_decay)]
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(
@@ -136,6 +143,16 @@ def lr_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     return WarmupCosine(o.lr, total, warm, o.warmup_start_factor, o.final_lr_factor)
 
 
+def target_momentum(method: SiameseMethod, total_steps: int) -> Callable[[int], float] | None:
+    """The target network's momentum at each optimizer step; None when the method has none."""
+    if method.target is None:
+        return None
+    base = method.cfg.method.base_momentum
+    if method.target_momentum == "constant":
+        return lambda k: base
+    return TargetMomentum(base, total_steps)
+
+
 class Trainer:
     """Holds the state of one run; ``run()`` trains until done, max_steps or a stop signal."""
 
@@ -156,14 +173,15 @@ class Trainer:
         if req.init_backbone is not None:
             # Continue from given backbone weights (SPEC §1 SYSU-30k run): online and target alike.
             self.method.online.encoder.backbone.load_state_dict(req.init_backbone, strict=True)
-            self.method.target.backbone.load_state_dict(req.init_backbone, strict=True)
+            if self.method.target is not None:
+                self.method.target.backbone.load_state_dict(req.init_backbone, strict=True)
         self.method.to(di.device)
         self._prepare_model()
-        self.opt = build_optimizer(cfg, self.method.online)
+        self.opt = build_optimizer(cfg, self.method.online, self.method.fixed_lr)
         self.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.train.precision == "fp16")
         # Evaluated per step: cheap for any run length (no list of 10⁵–10⁹ floats).
         self.lr = lr_schedule(cfg, self.steps_per_epoch)
-        self.mom = TargetMomentum(cfg.method.base_momentum, self.total_steps)
+        self.mom = target_momentum(self.method, self.total_steps)
         self.pos = Position()
         self.saved: Path | None = None  # the newest checkpoint of this run (restored or written)
         self.nonfinite = 0
@@ -390,8 +408,9 @@ class Trainer:
         instead of ``GradScaler.step``, which would read its inf flag with another host sync.
         """
         k = min(self.pos.step, self.total_steps - 1)
+        lr = self.lr(k)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr(k)
+            g["lr"] = self.cfg.optim.lr if g.get("fixed_lr") else lr
         unscaled, self._unscaled = self._unscaled, False
         if finite:
             if self.cfg.optim.clip_grad > 0:
@@ -406,7 +425,8 @@ class Trainer:
             else:
                 self.scaler.step(self.opt)
                 self.scaler.update()
-            self.method.update_target(self.mom(k))
+            if self.mom is not None:
+                self.method.update_target(self.mom(k))
         elif unscaled:
             self.scaler.update()  # forget this step's unscale (and lower the scale on overflow)
         self._overflow = None
@@ -423,10 +443,11 @@ class Trainer:
             step=self.pos.step,
             epoch=self.pos.epoch + self.pos.batch / max(self.req.loader.steps_per_epoch, 1),
             lr=self.lr(k),
-            momentum=self.mom(k),
             img_s=imgs_per_s,
             loss_scale=float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0,
         )
+        if self.mom is not None:
+            rec["momentum"] = self.mom(k)
         self.metrics.write(rec)
         return rec
 

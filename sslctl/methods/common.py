@@ -1,10 +1,17 @@
-"""Shared wiring of BYOL-style methods: online = backbone + projector (+ predictor), target = EMA copy."""
+"""Shared wiring of every method: online = backbone + projector (+ predictor), and, for the
+methods that have one, a momentum (EMA) target copy of the online encoder.
+
+Each method says what it builds (projector, predictor, target) and how its loss is computed;
+the engine trains any of them the same way.
+"""
 
 from __future__ import annotations
 
 import abc
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,30 +32,30 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """backbone → projector; the target network is a copy of this."""
+    """backbone → projector; a method's target (momentum) network is a copy of this."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, projector: Callable[[int, int, int], nn.Module] = mlp):
         super().__init__()
         m = cfg.model
         self.backbone = build_backbone(m.arch, small_stem=m.small_stem)
-        self.projector = mlp(feature_dim(m.arch), m.proj_hidden, m.proj_dim)
+        self.projector = projector(feature_dim(m.arch), m.proj_hidden, m.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
 
 class Online(nn.Module):
-    """The trained part (the only module DDP wraps): encoder + predictor."""
+    """The trained part (the only module DDP wraps): encoder + predictor (None: no predictor)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, encoder: Encoder, predictor: nn.Module | None):
         super().__init__()
-        self.encoder = Encoder(cfg)
-        self.predictor = mlp(cfg.model.proj_dim, cfg.model.pred_hidden, cfg.model.proj_dim)
+        self.encoder = encoder
+        self.predictor = predictor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction p, projection z), both n×proj_dim."""
+        """(prediction p, projection z), both n×proj_dim; p is z without a predictor."""
         z = self.encoder(x)
-        return self.predictor(z), z
+        return (z if self.predictor is None else self.predictor(z)), z
 
 
 @dataclass
@@ -75,7 +82,8 @@ def reference_init(online: Online) -> None:
 
     online.encoder.backbone.apply(kaiming)
     online.encoder.projector.apply(kaiming)
-    online.predictor.apply(small_normal)
+    if online.predictor is not None:
+        online.predictor.apply(small_normal)
     for m in online.modules():
         if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
@@ -85,17 +93,39 @@ def reference_init(online: Online) -> None:
 
 
 class SiameseMethod(nn.Module, abc.ABC):
-    """online (trained, wrapped by the engine in DDP) + target (EMA, outside DDP and the optimizer)."""
+    """online (trained, wrapped by the engine in DDP) + target (EMA, outside DDP and the
+    optimizer; None for the methods without one).
+
+    The defaults are BYOL's wiring (SPEC §1): ``mlp`` projector and predictor, a target whose
+    momentum follows the cosine schedule from ``method.base_momentum`` to 1. A method changes
+    them with the class attributes and ``build_*`` methods below.
+    """
+
+    has_target: ClassVar[bool] = True
+    # the target's momentum over training: "cosine" (method.base_momentum → 1, BYOL) or
+    # "constant" (method.base_momentum throughout, MoCo)
+    target_momentum: ClassVar[str] = "cosine"
+    # names of online parameters (prefixes) whose lr stays at optim.lr (SimSiam's predictor)
+    fixed_lr: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.online = Online(cfg)
+        self.online = Online(Encoder(cfg, self.build_projector), self.build_predictor(cfg))
         if cfg.model.init == "reference":
             reference_init(self.online)
-        self.target = copy.deepcopy(self.online.encoder)  # after init: the target copies it
-        for p in self.target.parameters():
-            p.requires_grad_(False)
+        self.target: Encoder | None = None
+        if self.has_target:
+            self.target = copy.deepcopy(self.online.encoder)  # after init: the target copies it
+            for p in self.target.parameters():
+                p.requires_grad_(False)
+
+    @staticmethod
+    def build_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+        return mlp(in_dim, hidden, out_dim)
+
+    def build_predictor(self, cfg: Config) -> nn.Module | None:
+        return mlp(cfg.model.proj_dim, cfg.model.pred_hidden, cfg.model.proj_dim)
 
     @abc.abstractmethod
     def step(self, online: nn.Module, v1: torch.Tensor, v2: torch.Tensor, step: int) -> StepOut:
@@ -103,34 +133,42 @@ class SiameseMethod(nn.Module, abc.ABC):
 
     def target_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Target BN layers run in training mode (batch statistics), as in the reference.
+        assert self.target is not None
         with torch.no_grad():
             return self.target(x).float()
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """θ_t ← m·θ_t + (1−m)·θ_o over parameters only, in one foreach call (no Python loop)."""
+        if self.target is None:
+            return
         t: list[torch.Tensor] = [p.data for p in self.target.parameters()]
         o: list[torch.Tensor] = [p.detach() for p in self.online.encoder.parameters()]
         torch._foreach_lerp_(t, o, 1.0 - momentum)  # one pass: t + (1−m)(o − t)
 
+    def _parts(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {"online.": self.online.encoder}
+        if self.online.predictor is not None:
+            parts["predictor."] = self.online.predictor
+        if self.target is not None:
+            parts["target."] = self.target
+        return parts
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Checkpoint layout: online.backbone.*, online.projector.*, predictor.*, target.*."""
-        out: dict[str, torch.Tensor] = {}
-        for k, v in self.online.encoder.state_dict().items():
-            out[f"online.{k}"] = v
-        for k, v in self.online.predictor.state_dict().items():
-            out[f"predictor.{k}"] = v
-        for k, v in self.target.state_dict().items():
-            out[f"target.{k}"] = v
-        return out
+        """Checkpoint layout: online.backbone.*, online.projector.*, then predictor.* and
+        target.* for the methods that have them (the backbone keys are the same for all)."""
+        return {
+            f"{prefix}{k}": v
+            for prefix, module in self._parts().items()
+            for k, v in module.state_dict().items()
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        groups = {
-            "online.": self.online.encoder,
-            "predictor.": self.online.predictor,
-            "target.": self.target,
-        }
-        for prefix, module in groups.items():
+        parts = self._parts()
+        stray = sorted(k for k in tensors if not k.startswith(tuple(parts)))
+        if stray:
+            raise RuntimeError(f"unexpected tensors for method {self.cfg.method.name}: {stray[:3]}")
+        for prefix, module in parts.items():
             sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             module.load_state_dict(sub, strict=True)
 
