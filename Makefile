@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up + pre-train on the bundled data + kNN/linear probe vs random init) and `make test` (set up + tests).
+# Quick start: `make demo` (set up + pre-train on the bundled data + kNN/linear probe vs random init + the run's report) and `make test` (set up + tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sslctl-installed
@@ -10,24 +10,27 @@ setup: $(STAMP)
 setup-base: $(BASE_STAMP)
 
 # torch first, pinned to the build this project is tested with (served locally on our machines);
-# then the package. The demo needs nothing more; tests add the dev tools and the DALI extra
-# (about 0.5 GB, for the DALI reader tests), which the demo never uses.
+# then the package with the plot extra (matplotlib: the demo ends with `sslctl report`'s picture).
+# Tests add the dev tools, TensorBoard and the DALI extra (about 0.5 GB, for the DALI reader
+# tests), which the demo never uses.
 $(BASE_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[plot]'
 	touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)
-	$(PY) -m pip install -q -e '.[dev,dali]'
+	$(PY) -m pip install -q -e '.[dev,dali,plot,tensorboard]'
 	touch $(STAMP)
 
 # Pre-train on the bundled data, then kNN + a linear probe of the learned backbone next to a
-# randomly initialised one (cached-feature protocol). Rerunning continues / reuses both runs.
+# randomly initialised one (cached-feature protocol), then the run's report (curves, tables; it
+# prints where report.png is). Rerunning continues / reuses both runs.
 demo: setup-base
 	$(VENV)/bin/sslctl pretrain --profile demo-cpu --out runs/demo
 	$(VENV)/bin/sslctl linear-eval runs/demo --data bundled --protocol cached --compare-random --out runs/demo-eval
+	$(VENV)/bin/sslctl report runs/demo --eval runs/demo-eval
 
 test: setup
 	$(VENV)/bin/ruff check sslctl tests benchmarks

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,12 +20,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
-from sslctl import dist
+from sslctl import UserError, dist
 
 console = Console(stderr=True, highlight=False)
 
@@ -38,8 +43,19 @@ def warn(msg: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(msg)}")
 
 
-def make_progress(description: str = "train") -> Progress:
-    """A progress bar with rate and ETA; disabled (prints nothing) on ranks other than 0."""
+def make_progress(
+    description: str = "train", unit: str = "", plain_every_s: float = 0.0
+) -> Progress | PlainProgress:
+    """A progress bar with rate and ETA; disabled (prints nothing) on ranks other than 0.
+
+    When the console (stderr) is not a terminal — a Slurm output file, ``2>&1 | tee`` — a live bar
+    would print nothing until it ends, so plain lines are printed instead (``PlainProgress``):
+    one per update that carries ``stats`` (pretrain and linear-eval pass them every log_every
+    steps), at most one per ``plain_every_s`` seconds, and a last one when the task completes.
+    ``unit`` names what is counted in those lines ("step", "images").
+    """
+    if not console.is_terminal:
+        return PlainProgress(unit, plain_every_s, enabled=dist.is_main())
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -54,6 +70,133 @@ def make_progress(description: str = "train") -> Progress:
     )
 
 
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@dataclass
+class _PlainTask:
+    description: str
+    total: float | None
+    completed: float
+    stats: str
+    started: float  # perf_counter at add_task
+    start_completed: float  # completed at add_task (a resumed run starts part-way)
+    printed_at: float  # perf_counter of the last line
+    printed_completed: float | None = None  # completed at the last line
+
+
+class PlainProgress:
+    """``make_progress``'s stand-in for a console that is not a terminal: plain lines such as
+    ``pretrain: step 120/1000 (12%)  epoch 3.20  loss 1.2345  lr 0.0048  351.0 img/s  elapsed
+    0:01:10  ETA 0:09:54``. Takes the calls the engine makes on rich's Progress (``add_task``,
+    ``update`` with completed/advance/stats), so callers need not know which one they hold."""
+
+    def __init__(self, unit: str = "", every_s: float = 0.0, enabled: bool = True):
+        self.unit, self.every_s, self.enabled = unit, every_s, enabled
+        self.tasks: list[_PlainTask] = []
+        self._lock = threading.Lock()  # data check advances from its decoding threads
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(
+        self, description: str, total: float | None = None, completed: float = 0, **fields: Any
+    ) -> TaskID:
+        now = time.perf_counter()
+        stats = str(fields.get("stats", ""))
+        self.tasks.append(_PlainTask(description, total, completed, stats, now, completed, now))
+        return TaskID(len(self.tasks) - 1)
+
+    def update(
+        self,
+        task: TaskID,
+        *,
+        completed: float | None = None,
+        advance: float | None = None,
+        stats: str | None = None,
+        **_: Any,
+    ) -> None:
+        with self._lock:
+            t = self.tasks[task]
+            if completed is not None:
+                t.completed = completed
+            if advance:
+                t.completed += advance
+            if stats is not None:
+                t.stats = stats
+            now = time.perf_counter()
+            due = (stats is not None or self.every_s > 0) and now - t.printed_at >= self.every_s
+            done = t.total is not None and t.completed >= t.total
+            if not (due or done) or t.printed_completed == t.completed:
+                return
+            t.printed_at, t.printed_completed = now, t.completed
+            text = self.line(t, now)
+        if self.enabled:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def advance(self, task: TaskID, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def line(self, t: _PlainTask, now: float) -> str:
+        elapsed = now - t.started
+        unit = f"{self.unit} " if self.unit else ""
+        head = f"{t.description}: {unit}{t.completed:g}"
+        eta = ""
+        if t.total:
+            head += f"/{t.total:g} ({100 * t.completed / t.total:.0f}%)"
+            rate = (t.completed - t.start_completed) / max(elapsed, 1e-9)
+            left = (t.total - t.completed) / rate if rate > 0 else float("inf")
+            eta = f"  ETA {_hms(left)}"
+        stats = f"  {t.stats}" if t.stats else ""
+        return f"{head}{stats}  elapsed {_hms(elapsed)}{eta}"
+
+
+def step_stats(rec: Mapping[str, Any]) -> str:
+    """A metrics record's epoch, loss, lr and img/s as the progress display shows them."""
+    parts = []
+    for key, fmt in (("epoch", "epoch {:.2f}"), ("loss", "loss {:.4f}"), ("lr", "lr {:.3g}")):
+        if isinstance(rec.get(key), (int, float)):
+            parts.append(fmt.format(rec[key]))
+    if isinstance(rec.get("img_s"), (int, float)):
+        parts.append(f"{rec['img_s']:.1f} img/s")
+    return "  ".join(parts)
+
+
+TENSORBOARD_MISSING = (
+    "log.tensorboard (--tensorboard) needs the tensorboard package: "
+    "pip install 'sslctl[tensorboard]' (or: pip install tensorboard), or turn it off"
+)
+
+
+def require_tensorboard() -> None:
+    """Refuse --tensorboard before any work when the package is missing (one line)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(TENSORBOARD_MISSING)
+
+
+def _tensorboard_writer(tb_dir: Path, first_step: int) -> Any:
+    """torch's SummaryWriter, imported only here. ``purge_step``: a resumed run's metrics.jsonl
+    lost the records after its checkpoint; TensorBoard hides the same steps of the earlier
+    event file, so the curves match metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(TENSORBOARD_MISSING) from None
+    purge = first_step if first_step > 0 else None
+    return SummaryWriter(log_dir=str(tb_dir), purge_step=purge, flush_secs=30)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -61,25 +204,42 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; rank 0 only; flushed per record so a crash loses none."""
+    """Appends one JSON object per line; rank 0 only; flushed per record so a crash loses none.
 
-    def __init__(self, path: Path | None):
+    With ``tb_dir`` (log.tensorboard), every numeric value of a record that has a ``step`` is
+    also written there as a TensorBoard scalar of the same name at that step (``first_step``:
+    the first step this writer will record; events of an earlier start from there on are
+    purged, as metrics.jsonl was truncated to the checkpoint).
+    """
+
+    def __init__(self, path: Path | None, tb_dir: Path | None = None, first_step: int = 0):
         self._fh: IO[str] | None = None
+        self._tb: Any = None
         if path is not None and dist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if tb_dir is not None and dist.is_main():
+            self._tb = _tensorboard_writer(tb_dir, first_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is None:
             return
-        rec = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in record.items()}}
+        now = round(time.time(), 3)
+        rec = {"time": now, **{k: _clean(v) for k, v in record.items()}}
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
+        if self._tb is not None and _scalar(record.get("step")):
+            for k, v in record.items():
+                if k != "step" and _scalar(v):
+                    self._tb.add_scalar(k, float(v), int(record["step"]), walltime=now)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -31,8 +31,9 @@ from sslctl import UserError, checkpoint, dist, log
 
 LOCK_NAME = ".lock"
 SUPERSEDED = "superseded"
-# What --fresh/--rewind move aside: everything that describes the superseded lineage.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "status.json", "config.yaml")
+# What --fresh/--rewind move aside: everything that describes the superseded lineage
+# (tb/: its TensorBoard events, log.tensorboard).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "status.json", "config.yaml", "tb")
 
 
 def check_writable(out: Path) -> None:

@@ -21,6 +21,7 @@ COMMANDS = [
     ["data", "check"],
     ["linear-eval"],
     ["knn-eval"],
+    ["report"],
 ]
 
 

@@ -11,6 +11,7 @@ from sslctl.api.extract import ExtractResult, extract
 from sslctl.api.knn_eval import KnnEvalOptions, KnnEvalResult, knn_eval
 from sslctl.api.linear_eval import LinearEvalOptions, LinearEvalResult, linear_eval
 from sslctl.api.pretrain import Diverged, PretrainResult, pretrain
+from sslctl.api.report import ReportResult, report
 
 __all__ = [
     "ConvertDetectronResult",
@@ -24,6 +25,7 @@ __all__ = [
     "LinearEvalOptions",
     "LinearEvalResult",
     "PretrainResult",
+    "ReportResult",
     "convert_detectron",
     "data_check",
     "eval_reid",
@@ -31,4 +33,5 @@ __all__ = [
     "knn_eval",
     "linear_eval",
     "pretrain",
+    "report",
 ]

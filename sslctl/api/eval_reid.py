@@ -438,7 +438,7 @@ def _ranks(
     t0 = time.perf_counter()
     query = rmx.LabeledFeatures(q.features, q.ids, q.cams)
     gallery = rmx.LabeledFeatures(g.features.to(device), g.ids, g.cams)
-    with log.make_progress("ranking") as bar:
+    with log.make_progress("ranking", unit="queries", plain_every_s=10.0) as bar:
         task = bar.add_task("ranking", total=n_q, stats="")
         ranks = rmx.positive_ranks(
             query, gallery, metric=o.metric, block=block, identical=identical,

@@ -70,6 +70,7 @@ class LinearEvalOptions:
     recompute: bool = False  # ignore cached features
     device: str = "auto"
     trust_pickle: bool = False  # allow a .pth that needs full unpickling (runs code in it)
+    tensorboard: bool = False  # also OUT/tb/ (and OUT/random_init/tb/) TensorBoard events
 
     def __post_init__(self) -> None:
         paths_as_path(self)  # str and os.PathLike paths from Python callers
@@ -237,7 +238,7 @@ def _standard(
     run_dir = o.out / "random_init" if baseline else o.out
     meta = {"arch": bb.arch, "weights": bb.label}
     probe = StandardProbe(m.cfg, bb.net, splits, run_dir, di, meta)
-    r = probe.run("linear-eval (random init)" if baseline else "linear-eval")
+    r = probe.run("linear-eval (random init)" if baseline else "linear-eval", o.tensorboard)
     if r.stopped == "done":
         say_unchanged(bb, r.backbone_unchanged)
     return {"protocol": "standard", **_probe_summary(r)}, r.stopped
@@ -266,7 +267,8 @@ def _cached(
     )
     del bank
     run_dir = o.out / "random_init" if baseline else o.out
-    metrics = log.MetricsWriter(run_dir / "metrics.jsonl")
+    tb = run_dir / "tb" if o.tensorboard else None
+    metrics = log.MetricsWriter(run_dir / "metrics.jsonl", tb, first_step=1)
     desc = "cached probe (random init)" if baseline else "cached probe"
     n, seed = splits.num_classes, cfg.linear.seed
     r = train_cached_head(train, val, n, cfg.cached, di.device, seed, metrics, desc)
@@ -320,6 +322,8 @@ def _linear_eval(o: LinearEvalOptions) -> LinearEvalResult:
     if o.protocol not in PROTOCOLS:
         raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{o.protocol}'")
     dist.check_device(o.device)  # before anything is read, extracted or created
+    if o.tensorboard:
+        log.require_tensorboard()
     profile = o.profile or default_profile(o.data)
     cfg = config.load_linear(profile, list(o.sets))
     splits = resolve_splits(o.data, o.train, o.val, cfg.data.allow_outside_root)

@@ -164,6 +164,8 @@ def pretrain(
     cfg = config.load(os.fspath(profile), sets or [])
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")
+    if cfg.log.tensorboard:
+        log.require_tensorboard()  # one line now, not after the data scan
     request = rundir.ResumeRequest(resume, fresh, rewind, allow_changes)
     rundir.check_request(request)
     root = resolve_data(cfg, data)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from sslctl import __version__
 
 app = typer.Typer(
     name="sslctl",
@@ -23,6 +27,7 @@ from sslctl.cli import knn_eval as _knn_eval  # noqa: E402
 from sslctl.cli import linear_eval as _linear_eval  # noqa: E402
 from sslctl.cli import pretrain as _pretrain  # noqa: E402
 from sslctl.cli import profiles as _profiles  # noqa: E402
+from sslctl.cli import report as _report  # noqa: E402
 
 # Examples for each command, shown under its --help.
 EXAMPLES = {
@@ -46,7 +51,29 @@ EXAMPLES = {
         "--nproc-per-node 8",
     ],
     "knn-eval": ["sslctl knn-eval runs/demo --data bundled --out runs/demo-knn"],
+    "report": [
+        "sslctl report runs/demo --eval runs/demo-eval   (writes runs/demo/report/report.png)",
+        "sslctl report runs/r50 runs/byol -o reports/r50-vs-byol",
+    ],
 }
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"sslctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 def _register(name: str, module: object) -> None:
@@ -67,6 +94,7 @@ _register("eval-reid", _eval_reid)
 app.add_typer(_data_check.app, name="data")
 _register("linear-eval", _linear_eval)
 _register("knn-eval", _knn_eval)
+_register("report", _report)
 
 
 def main() -> None:

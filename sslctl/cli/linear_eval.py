@@ -110,6 +110,14 @@ def command(
     device: Device = "auto",
     nproc_per_node: Nproc = 0,
     trust_pickle: TrustPickle = False,
+    tensorboard: Annotated[
+        bool,
+        Opt(
+            "--tensorboard",
+            help="also write the metrics as TensorBoard events under OUT/tb/ (needs pip install "
+            "'sslctl[tensorboard]')",
+        ),
+    ] = False,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun
@@ -124,7 +132,7 @@ def command(
         weights, data=data, train=train, val=val, profile=profile, out=out,
         protocol=protocol, sets=tuple(set_ or ()), compare_random=compare_random, part=part,
         fresh=fresh, cache_dir=cache_dir, recompute=recompute, device=device,
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, tensorboard=tensorboard,
     )  # fmt: skip
     if res.stopped == "signal":
         if int(os.environ.get("RANK", "0")) == 0:

@@ -91,6 +91,14 @@ def command(
             metavar="N", help="launch N processes with torchrun (DDP); 0 = this process only"
         ),
     ] = 0,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="also write the metrics as TensorBoard events under --out/tb/ (the same as "
+            "--set log.tensorboard=true; needs pip install 'sslctl[tensorboard]')",
+        ),
+    ] = False,
 ) -> None:
     if nproc_per_node > 0:
         from sslctl.cli.launch import relaunch_with_torchrun
@@ -98,9 +106,10 @@ def command(
         raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
     from sslctl import api  # torch: imported when a command runs, not for --help
 
+    sets = [*(set_ or []), *(["log.tensorboard=true"] if tensorboard else [])]
     try:
         res = api.pretrain(
-            profile, out, data, set_ or [], resume, fresh, max_steps, rewind, allow_changes
+            profile, out, data, sets, resume, fresh, max_steps, rewind, allow_changes
         )
     except api.Diverged as e:
         err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)

@@ -442,7 +442,7 @@ def build_index(
             f"decode-checking {len(todo):,} of {len(paths):,} images ({threads} threads); "
             f"index cached at {cache}"
         )
-        with log.make_progress("data check") as bar:
+        with log.make_progress("data check", unit="images", plain_every_s=10.0) as bar:
             task = bar.add_task("data check", total=len(todo), stats="")
             _decode_into(
                 paths, rel, todo, rec, threads, lambda k: bar.advance(task, k), max_image_pixels

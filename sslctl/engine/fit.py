@@ -535,7 +535,7 @@ class Trainer:
                 rec = self._log(window, rate)
                 self.last_loss, self.rate = rec.get("loss", float("nan")), rate
                 window = {"_n": 0}
-                bar.update(task, stats=f"loss {self.last_loss:.4f}  {rate:.1f} img/s")
+                bar.update(task, completed=self.pos.step, stats=log.step_stats(rec))
             bar.update(task, completed=self.pos.step)
             if stop:
                 return "signal"
@@ -577,12 +577,13 @@ class Trainer:
         if flag.agreed():  # stopped while starting: the restored checkpoint is the last one
             self._write_status("signal")
             return self._result("signal")
-        self.metrics = log.MetricsWriter(self.metrics_path)
+        tb = self.req.run_dir / "tb" if self.cfg.log.tensorboard else None
+        self.metrics = log.MetricsWriter(self.metrics_path, tb, self.pos.step + 1)
         self._record_start()
         self.method.train()
         reason: str | None = None
         try:
-            with log.make_progress("pretrain") as bar:
+            with log.make_progress("pretrain", unit="step") as bar:
                 task = bar.add_task("pretrain", total=stop_at, completed=self.pos.step, stats="")
                 while self.pos.step < stop_at and reason is None:
                     reason = self._epoch(stop_at, bar, task, flag)

@@ -124,7 +124,7 @@ def _run_local(
     labels: torch.Tensor | None = None
     device = opts["device"]
     t0, done = time.perf_counter(), 0
-    with log.make_progress(opts["progress_desc"]) as bar:
+    with log.make_progress(opts["progress_desc"], unit="images", plain_every_s=10.0) as bar:
         task = bar.add_task(opts["progress_desc"], total=end - start, stats="")
         for x, y, idx in loader:
             x = x.to(device, non_blocking=True)

@@ -329,16 +329,15 @@ class StandardProbe:
         self, metrics: log.MetricsWriter, bar: Any, task: Any, window: torch.Tensor, rate: float
     ) -> None:
         loss = float(dist.all_reduce_mean(window[0] / window[1]))
-        metrics.write(
-            {
-                "step": self.pos.step,
-                "epoch": self.pos.epoch + self.pos.batch / self.steps_per_epoch,
-                "loss": loss,
-                "lr": self.lr(self.pos.step - 1),
-                "img_s": rate,
-            }
-        )
-        bar.update(task, stats=f"loss {loss:.4f}  {rate:.1f} img/s")
+        rec = {
+            "step": self.pos.step,
+            "epoch": self.pos.epoch + self.pos.batch / self.steps_per_epoch,
+            "loss": loss,
+            "lr": self.lr(self.pos.step - 1),
+            "img_s": rate,
+        }
+        metrics.write(rec)
+        bar.update(task, completed=self.pos.step, stats=log.step_stats(rec))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -368,11 +367,13 @@ class StandardProbe:
         )
         self.save()
 
-    def run(self, desc: str = "linear-eval") -> ProbeResult:
+    def run(self, desc: str = "linear-eval", tensorboard: bool = False) -> ProbeResult:
+        """Train (or continue) to linear.epochs; ``tensorboard``: also RUN/tb/ events."""
         self.restore()
-        metrics = log.MetricsWriter(self.run_dir / "metrics.jsonl")
+        tb = self.run_dir / "tb" if tensorboard else None
+        metrics = log.MetricsWriter(self.run_dir / "metrics.jsonl", tb, self.pos.step + 1)
         stopped = "done"
-        with StopFlag() as flag, log.make_progress(desc) as bar:
+        with StopFlag() as flag, log.make_progress(desc, unit="step") as bar:
             task = bar.add_task(desc, total=self.total_steps, completed=self.pos.step, stats="")
             while self.pos.epoch < self.lin.epochs:
                 if self._epoch(bar, task, flag, metrics) == "signal":
@@ -488,7 +489,7 @@ def train_cached_head(
     g = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     best, best_epoch, step = -1.0, 0, 0
-    with log.make_progress(desc) as bar:
+    with log.make_progress(desc, unit="epoch", plain_every_s=5.0) as bar:
         task = bar.add_task(desc, total=cfg.epochs, stats="")
         for epoch in range(1, cfg.epochs + 1):
             order = torch.randperm(tf.shape[0], generator=g).to(tf.device)
