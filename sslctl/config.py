@@ -26,6 +26,7 @@ inherits the kind of the one it extends and may not state another.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -391,6 +392,14 @@ def _clip(text: str, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _known(name: str, known: list[str], sec: str) -> str:
+    """The close matches of a mistyped key, or every key of its section."""
+    close = difflib.get_close_matches(name, known, n=2)
+    if close:
+        return "did you mean " + " or ".join(f"'{sec}.{c}'" for c in close) + "?"
+    return f"known in '{sec}': {', '.join(known)}"
+
+
 def _shown(value: Any) -> str:
     return _clip(repr(value))
 
@@ -470,7 +479,7 @@ def _build_section(cls: type, sec: str, body: Any, source: str, set_text: dict[s
         name = f"{sec}.{key}"
         if key not in types_:
             raise UserError(
-                f"{source}: unknown key {_shown(name)} (known in '{sec}': {', '.join(types_)})"
+                f"{source}: unknown key {_clip(repr(name), 40)} ({_known(key, list(types_), sec)})"
             )
         vals[key] = _check_type(value, types_[key], f"{source}: key '{name}'")
         if isinstance(vals[key], float) and not math.isfinite(vals[key]):
@@ -762,9 +771,11 @@ def profile_path(name_or_path: str, base: Path | None = None) -> Path:
         return p
     bundled = PROFILE_DIR / f"{name_or_path}.yaml"
     if not _is(bundled.is_file):
-        known = ", ".join(sorted(list_profiles(None)))
+        close = difflib.get_close_matches(name_or_path, sorted(list_profiles(None)), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UserError(
-            f"unknown profile {_shown(name_or_path)} (known: {known}; or pass a .yaml path)"
+            f"unknown profile {_shown(name_or_path)} ({hint}`sslctl profiles` lists the bundled "
+            "ones; or pass a .yaml path)"
         )
     return bundled
 

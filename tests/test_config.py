@@ -79,10 +79,13 @@ def test_unknown_key_in_file_names_file(tmp_path: Path):
     assert "mine.yaml" in str(e.value) and "train.batchsize" in str(e.value)
 
 
-def test_unknown_profile_lists_known():
+def test_unknown_profile_suggests_close_names_and_the_list_command():
     with pytest.raises(UserError) as e:
-        config.load("r51-nope")
-    assert "unknown profile 'r51-nope'" in str(e.value) and "r50-3090x8" in str(e.value)
+        config.load("r50-3090x9")
+    assert "unknown profile 'r50-3090x9' (did you mean r50-3090x8" in str(e.value)
+    with pytest.raises(UserError) as e:
+        config.load("zzz")
+    assert "unknown profile 'zzz' (`sslctl profiles` lists the bundled ones" in str(e.value)
 
 
 def test_config_json_round_trip():
