@@ -102,13 +102,14 @@ def measure(
     cudnn_benchmark: bool = False,
 ) -> dict[str, float | str | bool]:
     cuda = torch.cuda.is_available()
-    # Autotuning per input shape: multi-resolution draws give a new shape most steps.
-    torch.backends.cudnn.benchmark = cudnn_benchmark
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sets = [
         f"train.precision={precision}",
         f"train.batch_size={batch}",
         f"train.channels_last={str(channels_last).lower()}",
+        # autotuning per input shape (the Trainer sets it): multi-resolution draws give a new
+        # shape most steps
+        f"train.cudnn_benchmark={str(cudnn_benchmark).lower()}",
         "train.accumulate=1",
         "train.epochs=1",
         "optim.warmup_epochs=0",

@@ -106,6 +106,10 @@ class TrainCfg:
     precision: str = "fp16"  # fp16 | bf16 | fp32
     seed: int = 0
     channels_last: bool = True  # only applied on CUDA
+    # CUDA only: cuDNN times its convolution algorithms for each new input shape and keeps the
+    # fastest. Off by default: multi-resolution inputs bring a new shape almost every step, and
+    # the gain has not been measured on a GPU yet (benchmarks/bench_train_step.py --cudnn-benchmark)
+    cudnn_benchmark: bool = False
     log_every: int = 10  # optimizer steps between metrics records
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     deterministic: bool = False

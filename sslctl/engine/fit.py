@@ -196,6 +196,8 @@ class Trainer:
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)  # type: ignore[assignment]
         if cuda and cfg.train.precision == "fp32":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 training only
+        if cuda:
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         if cuda and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.online: nn.Module = self.method.online
