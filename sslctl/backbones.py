@@ -72,20 +72,23 @@ def _check(arch: str) -> None:
         raise UserError(f"unknown backbone '{arch}' (known: {', '.join(ARCHS)})")
 
 
-def build_backbone(arch: str, small_stem: bool = False) -> nn.Module:
+def build_backbone(
+    arch: str, small_stem: bool = False, zero_init_residual: bool = False
+) -> nn.Module:
     """A randomly initialised backbone: a torchvision ResNet with ``fc = Identity``, or
     :class:`ConvNet4`.
 
     ``small_stem`` replaces the ResNet's 7×7/2 stem and max-pool with a 3×3/1 convolution
     (CIFAR-style), keeping the key ``conv1.weight`` so that the state dict still uses
-    torchvision names. It has no meaning for ``convnet4`` (an error).
+    torchvision names. It has no meaning for ``convnet4`` (an error). ``zero_init_residual``
+    starts each residual branch's last BN weight at 0 (torchvision's option; SimSiam's code).
     """
     _check(arch)
     if arch == "convnet4":
         if small_stem:
             raise UserError("model.small_stem applies to ResNets only; convnet4 has no stem")
         return ConvNet4()
-    net = _BUILDERS[arch][0](weights=None)
+    net = _BUILDERS[arch][0](weights=None, zero_init_residual=zero_init_residual)
     if small_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

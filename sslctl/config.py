@@ -52,6 +52,9 @@ class ModelCfg:
     # reference: the paper code's initialisation (kaiming fan_in convs and projector, N(0, 0.01)
     # predictor); torchvision: torchvision's ResNet init and PyTorch's Linear default.
     init: str = "torchvision"
+    # ResNets: start each residual branch's last BN weight at 0 (SimSiam's code does); applied
+    # by torchvision's init, so with model.init: torchvision
+    zero_init_residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class OptimCfg:
     # warm-up; per-step: linear warm-up then a per-step cosine over the remaining steps.
     schedule: str = "per-step"
     min_lr: float = 0.0  # reference schedule: the cosine's floor (mmcv's min_lr)
+    # false: no weight decay on BN parameters and biases (SPEC §1; SimCLR, BYOL); true: decay
+    # every parameter, as MoCo's and SimSiam's code do (LARS still skips their trust ratio)
+    decay_all: bool = False
 
 
 @dataclass(frozen=True)
@@ -562,6 +568,15 @@ def validate(cfg: Config, source: str) -> None:
     need(
         not (cfg.model.arch == "convnet4" and cfg.model.small_stem),
         "model.small_stem applies to ResNets only; set it to false for convnet4",
+    )
+    need(
+        not (cfg.model.arch == "convnet4" and cfg.model.zero_init_residual),
+        "model.zero_init_residual applies to ResNets only; set it to false for convnet4",
+    )
+    need(
+        not (cfg.model.init == "reference" and cfg.model.zero_init_residual),
+        "model.zero_init_residual is part of torchvision's init, which model.init: reference "
+        "replaces; set model.init: torchvision, or model.zero_init_residual: false",
     )
     need(
         not (

@@ -26,20 +26,27 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sslctl import UserError, dist
+from sslctl import UserError
 
 console = Console(stderr=True, highlight=False)
+
+
+def _is_main() -> bool:
+    """Rank 0 of a process group, or a process that never imported ``sslctl.dist`` (and so has
+    no group): ``sslctl report`` logs without loading torch."""
+    d = sys.modules.get("sslctl.dist")
+    return True if d is None else bool(d.is_main())
 
 
 def info(msg: str) -> None:
     """One line on stderr (rank 0), printed as given: paths and values with ``[`` in them are
     not read as Rich markup."""
-    if dist.is_main():
+    if _is_main():
         console.print(escape(msg))
 
 
 def warn(msg: str) -> None:
-    if dist.is_main():
+    if _is_main():
         console.print(f"[yellow]warning:[/] {escape(msg)}")
 
 
@@ -55,7 +62,7 @@ def make_progress(
     ``unit`` names what is counted in those lines ("step", "images").
     """
     if not console.is_terminal:
-        return PlainProgress(unit, plain_every_s, enabled=dist.is_main())
+        return PlainProgress(unit, plain_every_s, enabled=_is_main())
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -65,7 +72,7 @@ def make_progress(
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        disable=not dist.is_main(),
+        disable=not _is_main(),
         transient=False,
     )
 
@@ -215,10 +222,10 @@ class MetricsWriter:
     def __init__(self, path: Path | None, tb_dir: Path | None = None, first_step: int = 0):
         self._fh: IO[str] | None = None
         self._tb: Any = None
-        if path is not None and dist.is_main():
+        if path is not None and _is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if tb_dir is not None and dist.is_main():
+        if tb_dir is not None and _is_main():
             self._tb = _tensorboard_writer(tb_dir, first_step)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -330,7 +330,19 @@ def _continue(
     return ResumePlan(ck.weights, changes)
 
 
-NEVER_CHANGES = ("description", "data.allow_outside_root")
+# Keys (or, ending in ".", key prefixes) that never make a resumed run "changed": what they set
+# is bookkeeping or speed, not what is trained.
+NEVER_CHANGES = (
+    "description",
+    "data.allow_outside_root",
+    "paper.",
+    "log.",
+    "train.cudnn_benchmark",
+)
+
+
+def _never_changes(key: str) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEVER_CHANGES)
 
 
 def config_changes(
@@ -339,7 +351,8 @@ def config_changes(
     """Every key whose value differs between a checkpoint's config and the new one. Continuing
     a run longer (a larger ``train.epochs``) is not a change; neither is the description, nor
     ``data.allow_outside_root`` (a safety switch: which files are read is the data's business,
-    and runs made before it existed read such files without it)."""
+    and runs made before it existed read such files without it), nor the paper's number, the
+    logging (TensorBoard on or off) and cuDNN autotuning (``NEVER_CHANGES``)."""
     try:
         old = json.loads(saved_json) if saved_json else {}
     except ValueError:
@@ -349,7 +362,7 @@ def config_changes(
     a, b = _flat(old), _flat(new)
     out: dict[str, list[Any]] = {}
     for k in sorted(set(a) | set(b)):
-        if k in NEVER_CHANGES or k in ignore or a.get(k) == b.get(k):
+        if _never_changes(k) or k in ignore or a.get(k) == b.get(k):
             continue
         if k == "train.epochs" and isinstance(a.get(k), int) and b.get(k, 0) > a[k]:
             continue

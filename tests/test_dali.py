@@ -23,7 +23,14 @@ from sslctl.data import dali as D  # noqa: E402
 from sslctl.data.index import KINDS, USABLE, build_index, index_path  # noqa: E402
 from sslctl.data.readers import DecodeError, load_rgb, scan_imagefolder  # noqa: E402
 from sslctl.data.tv import EvalDataset, PretrainLoader  # noqa: E402
-from sslctl.data.views import ViewSpec, byol_views, linear_train, linear_val, reid  # noqa: E402
+from sslctl.data.views import (  # noqa: E402
+    ViewSpec,
+    byol_views,
+    linear_train,
+    linear_val,
+    reid,
+    view_pair,
+)
 
 pytestmark = pytest.mark.dali
 gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
@@ -549,11 +556,13 @@ def test_pretrain_end_to_end_through_dali_cpu(tmp_path: Path) -> None:
 
 
 @gpu
-def test_gpu_views_match_cpu_views(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["byol", "simclr", "mocov2"])
+def test_gpu_views_match_cpu_views(tmp_path: Path, recipe: str) -> None:
+    """Every data.views recipe; SimCLR's ±0.2-turn hue runs the graph's own HSV hue path."""
     img = _blocks(tmp_path / "b.png", size=48)
     samples = [(str(img), 0)] * 16
     index = _index(samples, tmp_path)
-    specs = byol_views(32, 0.2)
+    specs = view_pair(recipe, 32, 0.2)
     cpu = next(iter(D.DaliPretrainLoader(samples, specs, 16, index, options=CPU).epoch(0)))
     opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
     dl = D.DaliPretrainLoader(samples, specs, 16, index, options=opts)

@@ -3,6 +3,7 @@ SimSiam's fixed predictor lr, exact resume, and their checkpoints through extrac
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -16,11 +17,12 @@ from torch import nn
 
 from sslctl import api, checkpoint, config, dist
 from sslctl.backbones import ConvNet4
-from sslctl.engine.fit import FitRequest, Trainer, lr_schedule
+from sslctl.engine.fit import FitRequest, Trainer, build_optimizer, lr_schedule
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.log import read_jsonl
 from sslctl.methods import build_method
 from sslctl.methods.mocov2 import MoCoV2, SplitBatchNorm2d, shuffled_forward
+from sslctl.rundir import config_changes
 from tests.engine_helpers import TensorLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +152,10 @@ def test_split_batchnorm_equals_bn_per_sub_batch():
         ref(x[b::4])
         refs.append(ref.running_mean)
     assert torch.allclose(sbn.running_mean, torch.stack(refs).mean(0), atol=1e-6)
+    fresh = SplitBatchNorm2d(3, 4)
+    fresh.load_state_dict(bn.state_dict())
+    cl = fresh(x.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, out)
     sbn.eval()
     bn.eval()
     bn.load_state_dict(sbn.state_dict())
@@ -341,3 +347,36 @@ def test_moco_and_simsiam_profiles_decay_the_lr_per_epoch_as_their_code(name, lr
     for k in (0, 1, steps - 1, steps, 7 * steps + 3, epochs * steps - 1):
         want = lr * 0.5 * (1.0 + math.cos(math.pi * (k // steps) / epochs))
         assert sched(k) == pytest.approx(want, rel=1e-12), k
+
+
+def test_original_code_details_each_profile_keeps():
+    siam = build_method(config.load("simsiam-r50"))
+    bn3 = [m.bn3.weight for m in siam.online.encoder.backbone.modules() if hasattr(m, "bn3")]
+    assert len(bn3) == 16 and all(bool((w == 0).all()) for w in bn3)  # zero_init_residual
+    for name, decay_all in (("mocov2-r50", True), ("simsiam-r50", True), ("simclr-r50", False)):
+        cfg = config.load(name, ["model.arch=resnet18"])
+        groups = build_optimizer(cfg, build_method(cfg).online).param_groups
+        wd = {g["weight_decay"] for g in groups}
+        assert wd == ({cfg.optim.weight_decay} if decay_all else {0.0, cfg.optim.weight_decay})
+
+
+def test_reference_init_builds_every_method():
+    for m in ("simclr", "mocov2", "simsiam", "byol"):
+        method = build_method(config.load(f"demo-cpu-{m}", ["model.init=reference"]))
+        assert method.online.encoder.projector is not None
+
+
+def test_resuming_is_not_refused_for_bookkeeping_keys():
+    """A run started before `paper:`/`log:` existed, resumed with the same (now longer) profile
+    or with --tensorboard / cuDNN autotuning switched: not a change of what is trained."""
+    old = config.load("r50-3090x8").to_dict()
+    del old["paper"], old["log"]
+    del old["train"]["cudnn_benchmark"]
+    new = config.load(
+        "r50-3090x8", ["log.tensorboard=true", "train.cudnn_benchmark=true"]
+    ).to_dict()
+    assert new["paper"]["imagenet_top1"] > 0
+    assert config_changes(json.dumps(old), new) == {}
+    assert config_changes(json.dumps(old), {**new, "optim": {**new["optim"], "lr": 1.0}}) == {
+        "optim.lr": [4.8, 1.0]
+    }

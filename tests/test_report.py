@@ -230,3 +230,18 @@ def test_a_panel_without_data_says_so(tmp_path):
     assert "no kNN monitor records" in res.markdown_path.read_text()
     with pytest.raises(UserError, match="at least one run"):
         api.report([])
+
+
+def test_hand_edited_runs_do_not_crash_the_report(tmp_path):
+    """Records without an epoch, a config.yaml whose train.epochs is not a number of epochs, and
+    only some keys: the tables and the picture are still written."""
+    run = tmp_path / "odd"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.5, "time": 1.0}\n{"step": 2, "loss": "nan", "time": 2.0}\n'
+    )
+    (run / "config.yaml").write_text("method: {name: simclr}\ntrain: {epochs: .nan}\n")
+    res = api.report([run], tmp_path / "out")
+    row = res.report["runs"][0]
+    assert row["step"] == 2 and row["epochs_planned"] is None and row["method"] == "simclr"
+    assert "step 2 · epoch —" in res.markdown_path.read_text()

@@ -107,12 +107,16 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """LARS, SGD or AdamW over the SPEC §1 groups: biases and BN parameters get no weight
     decay (and, under LARS, no trust ratio). Parameters named with a ``fixed_lr`` prefix get
-    groups of their own marked ``fixed_lr`` (their lr stays at optim.lr: SimSiam's predictor)."""
+    groups of their own marked ``fixed_lr`` (their lr stays at optim.lr: SimSiam's predictor).
+    ``optim.decay_all`` decays the excluded group too (MoCo's and SimSiam's code)."""
     named = list(online.named_parameters())
     fixed = [(n, p) for n, p in named if fixed_lr and n.startswith(fixed_lr)]
     scheduled = [(n, p) for n, p in named if not (fixed_lr and n.startswith(fixed_lr))]
     groups = param_groups_lars(scheduled, cfg.optim.weight_decay)
     groups += [{**g, "fixed_lr": True} for g in param_groups_lars(fixed, cfg.optim.weight_decay)]
+    if cfg.optim.decay_all:
+        for g in groups:
+            g["weight_decay"] = cfg.optim.weight_decay
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(

@@ -37,7 +37,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: Config, projector: Callable[[int, int, int], nn.Module] = mlp):
         super().__init__()
         m = cfg.model
-        self.backbone = build_backbone(m.arch, small_stem=m.small_stem)
+        self.backbone = build_backbone(
+            m.arch, small_stem=m.small_stem, zero_init_residual=m.zero_init_residual
+        )
         self.projector = projector(feature_dim(m.arch), m.proj_hidden, m.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def reference_init(online: Online) -> None:
     for m in online.modules():
         if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:  # SimSiam: not its last
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 

@@ -65,6 +65,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             self.momentum if self.momentum is not None else 0.1,
             self.eps,
         ).reshape(n, c, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last):  # keep the layout (CUDA runs)
+            out = out.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             mean.copy_(run_mean.view(s, c).mean(0))
             var.copy_(run_var.view(s, c).mean(0))

@@ -24,8 +24,9 @@ class SimCLR(SiameseMethod):
         return None
 
     def step(self, online: nn.Module, v1: torch.Tensor, v2: torch.Tensor, step: int) -> StepOut:
-        _, z1 = online(v1)
-        _, z2 = online(v2)
+        # one forward of the 2N views, as SimCLR encodes them: BN statistics over both views
+        _, z = online(torch.cat([v1, v2]))
+        z1, z2 = z.chunk(2)
         c = self.cfg.loss
         gather = c.gather_negatives and dist.world_size() > 1
         loss = nt_xent(

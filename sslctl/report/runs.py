@@ -397,6 +397,8 @@ def summarise(run: Run) -> dict[str, Any]:
     cfg = run.config
     spe = steps_per_epoch(run)
     epochs = number(_section(cfg, "train").get("epochs"))
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        epochs = None  # a config.yaml edited by hand: no plan to measure progress against
     st = run.status or {}
     img_s = _finite([r.get("img_s") for r in run.train])
     return {

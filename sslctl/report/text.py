@@ -30,7 +30,7 @@ def _progress(r: dict[str, Any]) -> str:
         return "no training record yet"
     step = f"step {r['step']:.0f}" + (f" of {r['steps_planned']}" if r.get("steps_planned") else "")
     epochs = r.get("epochs_planned")
-    epoch = f"epoch {r['epoch']:.2f}" + (f" of {epochs:g}" if epochs else "")
+    epoch = f"epoch {_num(r.get('epoch'), '{:.2f}')}" + (f" of {epochs:g}" if epochs else "")
     return f"{step} · {epoch}"
 
 
