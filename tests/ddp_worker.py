@@ -11,8 +11,7 @@ import torch
 
 from sslctl import dist
 from sslctl.engine.fit import FitRequest, Trainer
-from tests.engine_helpers import TensorLoader
-from tests.test_engine import small_cfg
+from tests.engine_helpers import TensorLoader, small_cfg
 
 
 def main() -> None:

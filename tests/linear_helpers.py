@@ -100,3 +100,12 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def separable(n_per_class: int, classes: int, dim: int = 16, seed: int = 0):
+    """Clusters around orthogonal directions: each class is linearly separable from the others."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[:classes] * 5
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = centres[y] + torch.randn(len(y), dim, generator=g) * 0.5
+    return x, y

@@ -31,6 +31,7 @@ from sslctl.data.views import (  # noqa: E402
     reid,
     view_pair,
 )
+from tests.image_helpers import blocks, save_png  # noqa: E402
 
 pytestmark = pytest.mark.dali
 gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
@@ -74,19 +75,6 @@ def only(**kw: object) -> tuple[ViewSpec, ViewSpec]:
     return spec, spec
 
 
-def _save(path: Path, arr: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr.astype(np.uint8)).save(path)
-    return path
-
-
-def _blocks(path: Path, size: int = 32, lo: int = 0, hi: int = 256, seed: int = 0) -> Path:
-    """Colourful 8×8 blocks (saturated enough for hue and saturation to be measurable)."""
-    rng = np.random.default_rng(seed)
-    cells = rng.integers(lo, hi, (4, 4, 3))
-    return _save(path, np.kron(cells, np.ones((size // 4, size // 4, 1))))
-
-
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -94,7 +82,7 @@ def test_crop_area_aspect_and_flip_match_torchvision(tmp_path: Path) -> None:
     """A coordinate-coded image (R = 4x, G = 5y): each output view's corners tell where its
     crop came from; histograms of crop area and aspect ratio (and the flip rate) agree."""
     y, x = np.mgrid[0:48, 0:64]
-    img = _save(tmp_path / "grad.png", np.stack([4 * x, 5 * y, np.full_like(x, 128)], -1))
+    img = save_png(tmp_path / "grad.png", np.stack([4 * x, 5 * y, np.full_like(x, 128)], -1))
     specs = only(size=32, flip_p=0.5)
     d, t = render_both(img, 96, specs)
 
@@ -119,7 +107,7 @@ def test_crop_area_aspect_and_flip_match_torchvision(tmp_path: Path) -> None:
 
 
 def test_grayscale_fraction(tmp_path: Path) -> None:
-    img = _blocks(tmp_path / "c.png")
+    img = blocks(tmp_path / "c.png")
     d, t = render_both(img, 128, byol_views(32, 0.5))
     for k in range(2):
         gd = np.abs(np.diff(d[k], axis=3)).max(axis=(1, 2, 3)) <= 1.5
@@ -130,7 +118,7 @@ def test_grayscale_fraction(tmp_path: Path) -> None:
 
 def test_solarised_second_views(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    img = _save(tmp_path / "bright.png", rng.integers(190, 250, (32, 32, 3)))
+    img = save_png(tmp_path / "bright.png", rng.integers(190, 250, (32, 32, 3)))
     s1, s2 = (replace(s, jitter_p=0.0) for s in byol_views(32, 0.5))
     d, t = render_both(img, 128, (s1, s2))
     for k, expected in ((0, (0.0, 0.0)), (1, (0.1, 0.32))):
@@ -143,7 +131,7 @@ def test_blurred_views(tmp_path: Path) -> None:
     """Blur shows as lost high-frequency energy on a noise image rendered without resampling
     (full-image crop to the same size): σ ~ U(0.1, 2) with p 1.0 (view 1) and 0.1 (view 2)."""
     rng = np.random.default_rng(2)
-    img = _save(tmp_path / "noise.png", rng.integers(0, 256, (32, 32, 3)))
+    img = save_png(tmp_path / "noise.png", rng.integers(0, 256, (32, 32, 3)))
     base = only(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0))[0]
     specs = (replace(base, blur_p=1.0), replace(base, blur_p=0.1))
     d, t = render_both(img, 128, specs)
@@ -169,7 +157,7 @@ def _hue(v: np.ndarray) -> np.ndarray:
 
 def test_colour_jitter_ranges_match_torchvision(tmp_path: Path) -> None:
     """Each adjustment alone, p = 1: per-sample factors measured from the pixels agree."""
-    img = _blocks(tmp_path / "c.png", lo=50, hi=170)
+    img = blocks(tmp_path / "c.png", lo=50, hi=170)
     src = np.asarray(Image.open(img), np.float32)
     full = dict(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=1.0)
     zero = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
@@ -200,7 +188,7 @@ def test_colour_jitter_ranges_match_torchvision(tmp_path: Path) -> None:
 
 
 def test_normalised_output_statistics_match(tmp_path: Path) -> None:
-    img = _blocks(tmp_path / "c.png", size=48)
+    img = blocks(tmp_path / "c.png", size=48)
     samples = [(str(img), 0)] * 64
     index = _index(samples, tmp_path)
     specs = byol_views(32, 0.2)
@@ -219,7 +207,7 @@ def test_normalised_output_statistics_match(tmp_path: Path) -> None:
 
 def test_views_without_jitter_match_pixel_for_pixel(tmp_path: Path) -> None:
     """Crop, flip, grayscale, blur and solarisation: the same image within a few levels."""
-    img = _blocks(tmp_path / "c.png", size=48)
+    img = blocks(tmp_path / "c.png", size=48)
     specs = tuple(replace(s, jitter_p=0.0) for s in byol_views(32, 0.2))
     d, t = render_both(img, 32, specs)  # type: ignore[arg-type]
     for k in range(2):
@@ -231,11 +219,11 @@ def test_views_without_jitter_match_pixel_for_pixel(tmp_path: Path) -> None:
 
 
 def _odd_folder(root: Path) -> list[tuple[str, int]]:
-    from tests.test_data_check import make_odd_folder
+    from tests.image_helpers import make_odd_folder
 
     make_odd_folder(root)
     for i in range(6):  # enough usable images for a few batches
-        _blocks(root / "x" / f"b{i}.png", seed=i)
+        blocks(root / "x" / f"b{i}.png", seed=i)
     samples, _ = scan_imagefolder(root)
     return samples
 
@@ -280,7 +268,7 @@ def test_odd_files_pass_through_both_backends(tmp_path: Path) -> None:
 
 def test_a_file_broken_after_the_index_is_skipped_at_run_time(tmp_path: Path) -> None:
     root = tmp_path / "d"
-    paths = [_blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(12)]
+    paths = [blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(12)]
     samples = [(str(p), 0) for p in paths]
     index = _index(samples, root)
     full = paths[5].read_bytes()
@@ -301,7 +289,7 @@ def test_run_time_failures_are_probed_with_the_loaders_decoder(
     """nvJPEG rejects some files that the CPU decoder accepts: the probe that finds the culprit
     must use the loader's own decoder and device, or such a file would end the run."""
     root = tmp_path / "d"
-    paths = [_blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(8)]
+    paths = [blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(8)]
     samples = [(str(p), 0) for p in paths]
     index = _index(samples, root)
     full = paths[2].read_bytes()
@@ -395,7 +383,7 @@ def test_channels_last_views_equal_the_nchw_views_without_a_copy(tmp_path: Path)
 def _coded_folder(root: Path, n: int) -> list[tuple[str, int]]:
     """n solid-colour PNGs whose colour encodes the sample index."""
     for i in range(n):
-        _save(root / "c" / f"{i:03d}.png", np.full((8, 10, 3), (10 * i, 255 - 10 * i, 77)))
+        save_png(root / "c" / f"{i:03d}.png", np.full((8, 10, 3), (10 * i, 255 - 10 * i, 77)))
     samples, _ = scan_imagefolder(root)
     return samples
 
@@ -476,7 +464,7 @@ def test_eval_pipelines_match_torchvision(tmp_path: Path) -> None:
     for i in range(7):
         w, h = (50, 37) if i % 2 else (31, 44)
         rng = np.random.default_rng(i)
-        _save(root / f"c{i % 2}" / f"{i}.png", rng.integers(0, 256, (h, w, 3)))
+        save_png(root / f"c{i % 2}" / f"{i}.png", rng.integers(0, 256, (h, w, 3)))
     samples, _ = scan_imagefolder(root)
     index = _index(samples, root)
     for spec in (linear_val(24, 28), reid(32, 16)):
@@ -497,7 +485,7 @@ def test_eval_pipelines_match_torchvision(tmp_path: Path) -> None:
 
 def test_eval_random_crops_are_seeded_per_epoch(tmp_path: Path) -> None:
     root = tmp_path / "d"
-    _blocks(root / "c" / "a.png", size=48)
+    blocks(root / "c" / "a.png", size=48)
     samples = [(str(root / "c" / "a.png"), 0)] * 16
     index = _index(samples, root)
     el = D.DaliEvalLoader(samples, linear_train(16), 16, index, options=CPU)
@@ -525,7 +513,7 @@ def test_eval_refuses_unusable_files(tmp_path: Path) -> None:
 def test_pretrain_end_to_end_through_dali_cpu(tmp_path: Path) -> None:
     root = tmp_path / "data"
     for i in range(24):
-        _blocks(root / f"c{i % 2}" / f"{i}.png", size=40, seed=i)
+        blocks(root / f"c{i % 2}" / f"{i}.png", size=40, seed=i)
     sets = [
         "data.backend=dali",
         "train.batch_size=12",
@@ -559,7 +547,7 @@ def test_pretrain_end_to_end_through_dali_cpu(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recipe", ["byol", "simclr", "mocov2"])
 def test_gpu_views_match_cpu_views(tmp_path: Path, recipe: str) -> None:
     """Every data.views recipe; SimCLR's ±0.2-turn hue runs the graph's own HSV hue path."""
-    img = _blocks(tmp_path / "b.png", size=48)
+    img = blocks(tmp_path / "b.png", size=48)
     samples = [(str(img), 0)] * 16
     index = _index(samples, tmp_path)
     specs = view_pair(recipe, 32, 0.2)
@@ -579,7 +567,7 @@ def test_gpu_views_match_cpu_views(tmp_path: Path, recipe: str) -> None:
 def test_gpu_eval_matches_cpu(tmp_path: Path) -> None:
     root = tmp_path / "d"
     for i in range(5):
-        _blocks(root / "c" / f"{i}.png", size=48, seed=i)
+        blocks(root / "c" / f"{i}.png", size=48, seed=i)
     samples, _ = scan_imagefolder(root)
     index = _index(samples, root)
     opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())

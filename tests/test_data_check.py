@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from sslctl import UserError, api
@@ -18,56 +17,13 @@ from sslctl.cli.app import app
 from sslctl.data import index as ix
 from sslctl.data.readers import scan_imagefolder
 from sslctl.data.select import resolve_backend
+from tests.image_helpers import make_odd_folder, photo
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SSLCTL_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def _photo(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def make_odd_folder(root: Path) -> dict[str, str]:
-    """One file of every kind under root/x/; returns {file name: expected kind}."""
-    d = root / "x"
-    d.mkdir(parents=True)
-    img = _photo()
-    img.save(d / "ok.jpg", quality=90)
-    img.convert("L").save(d / "gray.jpg")
-    img.convert("CMYK").save(d / "cmyk.jpg")
-    img.save(d / "png_inside.JPEG", format="PNG")
-    img.save(d / "jpeg_inside.png", format="JPEG")
-    img.save(d / "anim.jpg", format="GIF")
-    img.save(d / "rgb.png", format="PNG")
-    img.convert("P").save(d / "palette.png")
-    Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257).save(d / "g16.png")
-    full = (d / "ok.jpg").read_bytes()
-    (d / "trunc.jpg").write_bytes(full[: len(full) // 2])
-    png = (d / "rgb.png").read_bytes()
-    (d / "trunc.png").write_bytes(png[: len(png) // 2])
-    (d / "zero.jpg").write_bytes(b"")
-    (d / "text.jpg").write_text("not an image at all")
-    os.symlink(d / "gone.jpg", d / "dangling.jpg")
-    return {
-        "ok.jpg": "ok",
-        "gray.jpg": "grayscale",
-        "cmyk.jpg": "cmyk",
-        "png_inside.JPEG": "png-named-jpeg",
-        "jpeg_inside.png": "misnamed",
-        "anim.jpg": "other-format",
-        "rgb.png": "ok",
-        "palette.png": "ok",
-        "g16.png": "grayscale",
-        "trunc.jpg": "truncated",
-        "trunc.png": "truncated",
-        "zero.jpg": "zero-byte",
-        "text.jpg": "not-an-image",
-        "dangling.jpg": "unreadable",
-    }
 
 
 def _build(root: Path, **kw: object) -> ix.IndexBuild:
@@ -102,8 +58,8 @@ def test_index_is_cached_and_only_changed_files_are_rechecked(tmp_path: Path) ->
     assert np.array_equal(again.index.kind, first.index.kind)
     assert again.index.reasons == first.index.reasons
     # repair a truncated file, add one: exactly those two are decoded again
-    _photo(seed=3).save(root / "x" / "trunc.jpg")
-    _photo(seed=4).save(root / "x" / "new.jpg")
+    photo(seed=3).save(root / "x" / "trunc.jpg")
+    photo(seed=4).save(root / "x" / "new.jpg")
     third = _build(root)
     assert third.checked == 2
     assert third.index.counts()["truncated"] == 1

@@ -21,7 +21,7 @@ from sslctl.cli.app import app
 from sslctl.convert.weights import read_backbone
 from sslctl.eval import features
 from tests.linear_helpers import make_dataset, make_run, make_weights, one_torch_thread, tiny_sets
-from tests.test_trust import _booby_trapped
+from tests.trust_helpers import booby_trapped
 
 __all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 runner = CliRunner()
@@ -80,7 +80,7 @@ def test_device_is_checked_before_any_work(base, tmp_path, command, device):
 
 @pytest.mark.parametrize("command", ["linear-eval", "knn-eval"])
 def test_pickle_refusal_names_the_option_each_command_has(base, tmp_path, command):
-    evil, marker = _booby_trapped(tmp_path)
+    evil, marker = booby_trapped(tmp_path)
     out = tmp_path / "out"
     p = sslctl(
         command, str(evil), "--data", str(base["data"]), "--out", str(out), "--device", "cpu"
@@ -97,7 +97,7 @@ def test_every_weights_reading_command_offers_trust_pickle(command):
 
 
 def test_knn_eval_trust_pickle_warns_then_evaluates(base, tmp_path):
-    evil, marker = _booby_trapped(tmp_path)
+    evil, marker = booby_trapped(tmp_path)
     r = runner.invoke(app, ["knn-eval", str(evil), "--data", str(base["data"]), "--out",
                             str(tmp_path / "k"), *_cpu_tiny(), "--trust-pickle"])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -108,7 +108,7 @@ def test_knn_eval_trust_pickle_warns_then_evaluates(base, tmp_path):
 def test_commands_without_the_option_point_at_extract(tmp_path):
     """convert-detectron and init.weights read weights without a --trust-pickle of their own:
     their refusal names the command that has one."""
-    evil, _ = _booby_trapped(tmp_path)
+    evil, _ = booby_trapped(tmp_path)
     with pytest.raises(UserError, match=r"sslctl extract … --trust-pickle"):
         read_backbone(evil)
 

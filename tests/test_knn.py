@@ -9,18 +9,9 @@ import torch
 
 from sslctl.backbones import build_backbone
 from sslctl.eval.knn import knn_accuracy, knn_monitor, knn_scores, topk_accuracy
-from tests.linear_helpers import make_dataset, one_torch_thread
+from tests.linear_helpers import make_dataset, one_torch_thread, separable
 
 __all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
-
-
-def separable(n_per_class: int, classes: int, dim: int = 16, seed: int = 0):
-    """Clusters around orthogonal directions: each class is linearly separable from the others."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.eye(dim)[:classes] * 5
-    y = torch.arange(classes).repeat_interleave(n_per_class)
-    x = centres[y] + torch.randn(len(y), dim, generator=g) * 0.5
-    return x, y
 
 
 def test_votes_follow_the_formula():

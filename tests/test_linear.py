@@ -15,8 +15,14 @@ from sslctl.cli.app import app
 from sslctl.eval.linear import StandardProbe, fits_in_half_free, place_features, train_cached_head
 from sslctl.eval.splits import resolve_splits
 from sslctl.log import read_jsonl
-from tests.linear_helpers import make_dataset, make_split, make_weights, one_torch_thread, tiny_sets
-from tests.test_knn import separable
+from tests.linear_helpers import (
+    make_dataset,
+    make_split,
+    make_weights,
+    one_torch_thread,
+    separable,
+    tiny_sets,
+)
 
 runner = CliRunner()
 __all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
-from torchvision import models
 from typer.testing import CliRunner
 
 from sslctl import UserError, api
 from sslctl.cli.app import app
-
-
-class _Payload:
-    """Unpickling this opens (creates) the marker file: a stand-in for code hidden in a .pth."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def _booby_trapped(tmp_path: Path) -> tuple[Path, Path]:
-    marker = tmp_path / "ran"
-    evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": models.resnet18().state_dict(), "x": _Payload(marker)}, evil)
-    return evil, marker
+from tests.trust_helpers import booby_trapped
 
 
 def test_refused_by_default_nothing_runs(tmp_path):
-    evil, marker = _booby_trapped(tmp_path)
+    evil, marker = booby_trapped(tmp_path)
     with pytest.raises(UserError, match="--trust-pickle"):
         api.extract(evil, tmp_path / "o.safetensors")
     assert not marker.exists()
@@ -40,7 +20,7 @@ def test_refused_by_default_nothing_runs(tmp_path):
 
 
 def test_trust_pickle_warns_then_loads(tmp_path, capsys):
-    evil, marker = _booby_trapped(tmp_path)
+    evil, marker = booby_trapped(tmp_path)
     res = api.extract(evil, tmp_path / "o.safetensors", trust_pickle=True)
     assert marker.exists()  # the code did run: that is what trusting means
     assert res.arch == "resnet18" and (tmp_path / "o.safetensors").is_file()

@@ -35,6 +35,7 @@ from sslctl.data.views import (
     view_pair,
 )
 from sslctl.dist import DistInfo
+from tests.image_helpers import blocks
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -237,19 +238,6 @@ def render_both(
     return [_uint8(v) for v in d], [_uint8(v) for v in t]
 
 
-def _save(path: Path, arr: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr.astype(np.uint8)).save(path)
-    return path
-
-
-def _blocks(path: Path, size: int = 32, lo: int = 0, hi: int = 256, seed: int = 0) -> Path:
-    """Colourful 4×4 blocks (saturated enough for hue and saturation to be measurable)."""
-    rng = np.random.default_rng(seed)
-    cells = rng.integers(lo, hi, (4, 4, 3))
-    return _save(path, np.kron(cells, np.ones((size // 4, size // 4, 1))))
-
-
 def _fixed_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both backends draw as before, but torchvision applies the jitter in DALI's order."""
     real = tv.draw_params
@@ -278,7 +266,7 @@ def _assert_same_pixels(d: list[np.ndarray], t: list[np.ndarray], worst: float =
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_views_without_jitter_match_pixel_for_pixel(dali: None, tmp_path: Path, name: str) -> None:
     """Crop (MoCo v2's bilinear, SimCLR's bicubic), flip, grayscale and blur."""
-    img = _blocks(tmp_path / "c.png", size=48)
+    img = blocks(tmp_path / "c.png", size=48)
     specs = tuple(replace(s, jitter_p=0.0) for s in view_pair(name, 32, 0.2))
     d, t = render_both(img, 32, specs)  # type: ignore[arg-type]
     _assert_same_pixels(d, t, worst=4.0)
@@ -294,7 +282,7 @@ def test_simclr_full_jitter_matches_pixel_for_pixel(
     the same draws within a few levels (DALI renders hue > 0.1 turn with PIL's HSV arithmetic;
     its YIQ rotation was 10-20 levels off here, and graying before that hue shift up to 30)."""
     _fixed_order(monkeypatch)
-    img = _blocks(tmp_path / "c.png", size=48)
+    img = blocks(tmp_path / "c.png", size=48)
     for gray in (0.2, 1.0):
         specs = tuple(replace(s, jitter_p=1.0, blur_p=blur, gray_p=gray) for s in simclr_views(32))
         d, t = render_both(img, 32, specs)  # type: ignore[arg-type]
@@ -309,7 +297,7 @@ def test_mocov2_jitter_without_hue_matches_pixel_for_pixel(
     """MoCo v2's ±0.1-turn hue stays DALI's YIQ rotation (as BYOL's; compared by its mean
     shift below); brightness, contrast and saturation 0.4 and graying match pixel for pixel."""
     _fixed_order(monkeypatch)
-    img = _blocks(tmp_path / "c.png", size=48)
+    img = blocks(tmp_path / "c.png", size=48)
     specs = tuple(replace(s, jitter_p=1.0, blur_p=blur, hue=0.0) for s in mocov2_views(32))
     d, t = render_both(img, 32, specs)  # type: ignore[arg-type]
     _assert_same_pixels(d, t)
@@ -340,7 +328,7 @@ def test_each_adjustment_at_the_recipes_strength(
     per-sample factors measured from the pixels agree within test_dali.py's BYOL tolerances
     (brightness 0.02, contrast and saturation 0.03, mean hue shift 8°)."""
     spec = view_pair(name, 32, 0.2)[0]
-    img = _blocks(tmp_path / "c.png", lo=50, hi=170)
+    img = blocks(tmp_path / "c.png", lo=50, hi=170)
     src = np.asarray(Image.open(img), np.float32)
     base = replace(
         spec,
@@ -397,7 +385,7 @@ def test_normalised_output_statistics_match(dali: None, tmp_path: Path, name: st
     normalised units). DALI's YIQ hue missed the std one at SimCLR's ±72° (0.07)."""
     specs = view_pair(name, 32, 0.2)
     for seed in (1, 2):
-        img = _blocks(tmp_path / str(seed) / "c.png", size=48, seed=seed)
+        img = blocks(tmp_path / str(seed) / "c.png", size=48, seed=seed)
         d, t = render_both(img, 64, specs, seed=seed)
         for vd, vt in zip(d, t, strict=True):
             md, mt = vd.mean(axis=(0, 1, 2)), vt.mean(axis=(0, 1, 2))
@@ -441,7 +429,7 @@ def _loader_views(
     monkeypatch.setenv("SSLCTL_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "data"
     for i in range(n):
-        _blocks(root / "c" / f"{i:03d}.png", size=40, seed=i)
+        blocks(root / "c" / f"{i:03d}.png", size=40, seed=i)
     scale_min = PAPERS[name][0]["scale"][0]
     sets = [
         f"data.views={name}",

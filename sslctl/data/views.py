@@ -66,38 +66,27 @@ def byol_views(size: int = 224, scale_min: float = 0.08) -> tuple[ViewSpec, View
     return replace(common, blur_p=1.0, solarize_p=0.0), replace(common, blur_p=0.1, solarize_p=0.2)
 
 
+def _symmetric(size: int, scale_min: float, **colour: float | str) -> tuple[ViewSpec, ViewSpec]:
+    """Two identical views: crop, flip, ``colour`` jitter (p 0.8), grayscale p 0.2, blur p 0.5,
+    no solarisation (SimCLR's and MoCo v2's shared recipe)."""
+    v = ViewSpec(size=size, scale=(scale_min, 1.0), blur_p=0.5, solarize_p=0.0, **colour)  # type: ignore[arg-type]
+    return v, v
+
+
 def simclr_views(size: int = 224, scale_min: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
     """SimCLR's symmetric pair (Chen et al. 2020, appendix A): crop, flip, colour jitter of
     strength 1 (0.8/0.8/0.8/0.2) with p 0.8, grayscale p 0.2, blur p 0.5, no solarisation."""
-    v = ViewSpec(
-        size=size,
-        scale=(scale_min, 1.0),
-        brightness=0.8,
-        contrast=0.8,
-        saturation=0.8,
-        hue=0.2,
-        blur_p=0.5,
-        solarize_p=0.0,
-    )
-    return v, v
+    return _symmetric(size, scale_min, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
 
 
 def mocov2_views(size: int = 224, scale_min: float = 0.2) -> tuple[ViewSpec, ViewSpec]:
     """MoCo v2's symmetric pair (Chen et al. 2020, "aug_plus"; SimSiam uses it too): crop
     (torchvision's bilinear), jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2, blur p 0.5,
     flip, no solarisation."""
-    v = ViewSpec(
-        size=size,
-        scale=(scale_min, 1.0),
-        interpolation="bilinear",
-        brightness=0.4,
-        contrast=0.4,
-        saturation=0.4,
+    return _symmetric(
+        size, scale_min, interpolation="bilinear", brightness=0.4, contrast=0.4, saturation=0.4,
         hue=0.1,
-        blur_p=0.5,
-        solarize_p=0.0,
-    )
-    return v, v
+    )  # fmt: skip
 
 
 # data.views -> the recipe of the two views (each called with data.image_size, data.crop_scale_min)

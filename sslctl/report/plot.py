@@ -173,12 +173,20 @@ def _panel_feat_std(ax: Any, runs: list[Run], colours: list[str]) -> bool:
     return drawn
 
 
-def _panel_knn(ax: Any, runs: list[Run], colours: list[str]) -> bool:
+def _lines(
+    ax: Any, runs: list[Run], colours: list[str], key: str, knn: bool = False, **style: Any
+) -> bool:
+    """One line per run of ``key`` (from the kNN records when ``knn``); whether any is finite."""
     drawn = False
     for run, c in zip(runs, colours, strict=True):
-        xs, ys = _series(run.knn, KNN_KEY)
-        ax.plot(xs, ys, color=c, lw=1.4, marker="o", ms=4)
+        xs, ys = _series(run.knn if knn else run.train, key)
+        ax.plot(xs, ys, color=c, lw=1.4, **style)
         drawn |= bool(_finite(ys))
+    return drawn
+
+
+def _panel_knn(ax: Any, runs: list[Run], colours: list[str]) -> bool:
+    drawn = _lines(ax, runs, colours, KNN_KEY, knn=True, marker="o", ms=4)
     ax.set_title("kNN monitor: top-1 on the held-out set")
     ax.set_ylabel("top-1 %")
     if not drawn:
@@ -187,11 +195,7 @@ def _panel_knn(ax: Any, runs: list[Run], colours: list[str]) -> bool:
 
 
 def _panel_throughput(ax: Any, runs: list[Run], colours: list[str]) -> bool:
-    drawn = False
-    for run, c in zip(runs, colours, strict=True):
-        xs, ys = _series(run.train, "img_s")
-        ax.plot(xs, ys, color=c, lw=1.4)
-        drawn |= bool(_finite(ys))
+    drawn = _lines(ax, runs, colours, "img_s")
     ax.set_title("throughput (all processes)")
     ax.set_ylabel("images / s")
     ax.set_ylim(
