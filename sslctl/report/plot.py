@@ -83,16 +83,36 @@ def method_keys(runs: list[Run]) -> list[str]:
     return sorted(keys)
 
 
+def _method(run: Run) -> Any:
+    m = run.config.get("method")
+    return m.get("name") if isinstance(m, dict) else None
+
+
+def _scaled(ys: list[float]) -> list[float]:
+    """``ys`` mapped to [0, 1] by their own finite min and max (non-finite values stay so)."""
+    fin = _finite(ys)
+    lo, hi = (min(fin), max(fin)) if fin else (0.0, 1.0)
+    return [(y - lo) / (hi - lo) if hi > lo else 0.0 * y for y in ys]
+
+
 def _panel_loss(ax: Any, runs: list[Run], colours: list[str]) -> bool:
+    # Different methods' losses differ in scale and sign (Triplet's hinge sits near its margin of
+    # 100, SimSiam's negative cosine in [-1, 0]): side by side, each run is scaled to its own range.
+    scaled = len({_method(r) for r in runs}) > 1
     seen: list[float] = []
     for run, c in zip(runs, colours, strict=True):
         xs, ys = _series(run.train, "loss")
+        ys = _scaled(ys) if scaled else ys
         ax.plot(xs, ys, color=c, lw=1.4)
         seen += _finite(ys)
-    ax.set_title("training loss (mean over each logging window)")
-    ax.set_ylabel("loss")
-    # Log scale when the curves span decades (methods with different loss scales side by side).
-    if seen and min(seen) > 0 and max(seen) / min(seen) >= 30:
+    if scaled:
+        ax.set_title("training loss, each run scaled to [0, 1]")
+        ax.set_ylabel("(loss − min) / (max − min), per run")
+    else:
+        ax.set_title("training loss (mean over each logging window)")
+        ax.set_ylabel("loss")
+    # Log scale when the curves span decades.
+    if not scaled and seen and min(seen) > 0 and max(seen) / min(seen) >= 30:
         ax.set_yscale("log")
     if not seen:
         _empty(ax, "no training records yet")
