@@ -9,7 +9,7 @@ import typer
 
 from sslctl.cli.common import err_console, out_console, user_errors
 
-# sslctl.api loads each command on first use: report reads runs without importing torch.
+# torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
 HELP = (
     "Report on pre-training runs: report.png (loss, lr and target momentum, the method's own "
