@@ -16,7 +16,7 @@ from sslctl.backbones import ConvNet4, build_backbone, feature_dim, infer_arch, 
 from sslctl.cli.app import app
 from sslctl.convert.weights import read_backbone
 from sslctl.engine.fit import build_optimizer
-from sslctl.methods.common import Online
+from sslctl.methods import build_method
 from tests.linear_helpers import make_dataset, one_torch_thread, tiny_sets
 
 __all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
@@ -76,7 +76,7 @@ def test_convnet4_bad_layouts_and_settings_are_user_errors():
 def test_adamw_groups_skip_decay_on_bn_and_bias():
     cfg = config.load("demo-cpu", SMALL)
     assert (cfg.model.arch, cfg.optim.name, cfg.loss.gamma) == ("convnet4", "adamw", 1.0)
-    online = Online(cfg)
+    online = build_method(cfg).online
     opt = build_optimizer(cfg, online)
     assert isinstance(opt, torch.optim.AdamW)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
