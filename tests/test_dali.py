@@ -20,7 +20,7 @@ pytest.importorskip("nvidia.dali")
 
 from sslctl import api  # noqa: E402
 from sslctl.data import dali as D  # noqa: E402
-from sslctl.data.index import KINDS, USABLE, build_index, index_path  # noqa: E402
+from sslctl.data.index import KINDS, USABLE, index_path  # noqa: E402
 from sslctl.data.readers import DecodeError, load_rgb, scan_imagefolder  # noqa: E402
 from sslctl.data.tv import EvalDataset, PretrainLoader  # noqa: E402
 from sslctl.data.views import (  # noqa: E402
@@ -31,41 +31,16 @@ from sslctl.data.views import (  # noqa: E402
     reid,
     view_pair,
 )
+from tests.dali_helpers import CPU, index_of, render_both, uint8_views  # noqa: E402
 from tests.image_helpers import blocks, save_png  # noqa: E402
 
 pytestmark = pytest.mark.dali
 gpu = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-CPU = D.DaliOptions(threads=2, read_threads=2)
-
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSLCTL_CACHE", str(tmp_path / "cache"))
-
-
-def _index(samples: list[tuple[str, int]], root: Path):
-    return build_index([p for p, _ in samples], root, index_path(root)).index
-
-
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    """Normalised B×3×H×W views back to uint8-scale B×H×W×3 floats."""
-    return ((x.float() * STD + MEAN) * 255.0).permute(0, 2, 3, 1).numpy()
-
-
-def render_both(
-    path: Path, n: int, specs: tuple[ViewSpec, ViewSpec], seed: int = 0
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """([dali v1, v2], [tv v1, v2]) of n samples that all read the image at ``path``."""
-    samples = [(str(path), 0)] * n
-    index = _index(samples, path.parent)
-    dl = D.DaliPretrainLoader(samples, specs, n, index, seed=seed, options=CPU)
-    tl = PretrainLoader(samples, specs, n, seed=seed)
-    d = next(iter(dl.epoch(0)))
-    t = next(iter(tl.epoch(0)))
-    return [_uint8(v) for v in d], [_uint8(v) for v in t]
 
 
 def only(**kw: object) -> tuple[ViewSpec, ViewSpec]:
@@ -190,7 +165,7 @@ def test_colour_jitter_ranges_match_torchvision(tmp_path: Path) -> None:
 def test_normalised_output_statistics_match(tmp_path: Path) -> None:
     img = blocks(tmp_path / "c.png", size=48)
     samples = [(str(img), 0)] * 64
-    index = _index(samples, tmp_path)
+    index = index_of(samples, tmp_path)
     specs = byol_views(32, 0.2)
     d = next(iter(D.DaliPretrainLoader(samples, specs, 64, index, options=CPU).epoch(0)))
     t = next(iter(PretrainLoader(samples, specs, 64).epoch(0)))
@@ -232,7 +207,7 @@ def test_dali_decodes_every_usable_kind_like_pil(tmp_path: Path) -> None:
     """The index decides with PIL; DALI's CPU decoder must agree on every kind: same pixels
     for the usable ones, a failure for the others (so no unusable file can reach DALI)."""
     samples = _odd_folder(tmp_path / "d")
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     usable = index.usable()
     paths = [p for p, _ in samples]
     failures = D.dali_decode_failures(paths)
@@ -250,7 +225,7 @@ def test_dali_decodes_every_usable_kind_like_pil(tmp_path: Path) -> None:
 
 def test_odd_files_pass_through_both_backends(tmp_path: Path) -> None:
     samples = _odd_folder(tmp_path / "d")
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     specs = byol_views(16, 0.5)
     dl = D.DaliPretrainLoader(samples, specs, 4, index, seed=3, options=CPU)
     tl = PretrainLoader(samples, specs, 4, seed=3)
@@ -270,7 +245,7 @@ def test_a_file_broken_after_the_index_is_skipped_at_run_time(tmp_path: Path) ->
     root = tmp_path / "d"
     paths = [blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(12)]
     samples = [(str(p), 0) for p in paths]
-    index = _index(samples, root)
+    index = index_of(samples, root)
     full = paths[5].read_bytes()
     paths[5].write_bytes(full[: len(full) // 3])  # the index still calls it usable
     dl = D.DaliPretrainLoader(samples, only(size=16), 4, index, options=CPU)
@@ -291,7 +266,7 @@ def test_run_time_failures_are_probed_with_the_loaders_decoder(
     root = tmp_path / "d"
     paths = [blocks(root / "c" / f"{i:02d}.png", seed=i) for i in range(8)]
     samples = [(str(p), 0) for p in paths]
-    index = _index(samples, root)
+    index = index_of(samples, root)
     full = paths[2].read_bytes()
     paths[2].write_bytes(full[: len(full) // 3])
     dl = D.DaliPretrainLoader(samples, only(size=16), 4, index, options=CPU)
@@ -316,7 +291,7 @@ def test_feed_ahead_thread_gives_the_same_batches_and_stops_with_the_epoch(
     import threading
 
     samples = _coded_folder(tmp_path / "d", 24)
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     inline = replace(CPU, feed_ahead=0)
     a = [
         _decoded_indices(v1)
@@ -347,7 +322,7 @@ def test_an_epoch_cut_short_by_accumulation_reuses_the_pipeline(
     817 micro-batches). Said with ``end_batch``, the pipeline ends cleanly and the next epoch
     reuses it; abandoning it instead would rebuild DALI's pipeline every epoch."""
     samples = _coded_folder(tmp_path / "d", 20)  # 5 batches of 4 per epoch
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     builds = {"n": 0}
     real = D._Runner._build
 
@@ -366,7 +341,7 @@ def test_channels_last_views_equal_the_nchw_views_without_a_copy(tmp_path: Path)
     """On the GPU the views are rendered HWC and viewed as channels_last NCHW tensors, so the
     engine's channels_last conversion is free; the values equal the CHW rendering's."""
     samples = _coded_folder(tmp_path / "d", 8)
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     specs = byol_views(16, 0.3)
     a = list(D.DaliPretrainLoader(samples, specs, 4, index, options=CPU).epoch(0))
     cl = replace(CPU, channels_last=True)
@@ -389,12 +364,12 @@ def _coded_folder(root: Path, n: int) -> list[tuple[str, int]]:
 
 
 def _decoded_indices(v: torch.Tensor) -> list[int]:
-    return [round(float(r) / 10) for r in _uint8(v)[:, 4, 4, 0]]
+    return [round(float(r) / 10) for r in uint8_views(v)[:, 4, 4, 0]]
 
 
 def test_two_ranks_see_every_sample_once_like_torchvision(tmp_path: Path) -> None:
     samples = _coded_folder(tmp_path / "d", 22)
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     specs = only(size=8, scale=(1.0, 1.0))
     per_rank: list[list[int]] = []
     for rank in range(2):
@@ -415,7 +390,7 @@ def test_two_ranks_see_every_sample_once_like_torchvision(tmp_path: Path) -> Non
 
 def test_resume_mid_epoch_continues_with_the_same_samples_and_views(tmp_path: Path) -> None:
     samples = _coded_folder(tmp_path / "d", 20)
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     specs = byol_views(8, 0.5)
     dl = D.DaliPretrainLoader(samples, specs, 4, index, seed=2, options=CPU)
     full = [(v1.clone(), v2.clone(), dl.last_indices) for v1, v2 in dl.epoch(3)]
@@ -433,7 +408,7 @@ def test_pipeline_reuse_and_abandoned_epochs(tmp_path: Path) -> None:
     """An epoch consumed to its end reuses the pipeline; an abandoned one (the engine stops at
     --max-steps) must not leak its prefetched batches into the next epoch."""
     samples = _coded_folder(tmp_path / "d", 24)
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     specs = only(size=8, scale=(1.0, 1.0))
     dl = D.DaliPretrainLoader(samples, specs, 4, index, options=CPU)
     it = dl.epoch(0)
@@ -447,7 +422,7 @@ def test_pipeline_reuse_and_abandoned_epochs(tmp_path: Path) -> None:
 
 def test_epoch_length_and_too_few_images(tmp_path: Path) -> None:
     samples = _coded_folder(tmp_path / "d", 10)
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     dl = D.DaliPretrainLoader(samples, only(size=8), 3, index, options=CPU)
     assert dl.steps_per_epoch == PretrainLoader(samples, only(size=8), 3).steps_per_epoch == 3
     from sslctl import UserError
@@ -466,7 +441,7 @@ def test_eval_pipelines_match_torchvision(tmp_path: Path) -> None:
         rng = np.random.default_rng(i)
         save_png(root / f"c{i % 2}" / f"{i}.png", rng.integers(0, 256, (h, w, 3)))
     samples, _ = scan_imagefolder(root)
-    index = _index(samples, root)
+    index = index_of(samples, root)
     for spec in (linear_val(24, 28), reid(32, 16)):
         ds = EvalDataset(samples, spec)
         el = D.DaliEvalLoader(samples, spec, 3, index, options=CPU)
@@ -487,7 +462,7 @@ def test_eval_random_crops_are_seeded_per_epoch(tmp_path: Path) -> None:
     root = tmp_path / "d"
     blocks(root / "c" / "a.png", size=48)
     samples = [(str(root / "c" / "a.png"), 0)] * 16
-    index = _index(samples, root)
+    index = index_of(samples, root)
     el = D.DaliEvalLoader(samples, linear_train(16), 16, index, options=CPU)
     a = next(iter(el))[0]
     b = next(iter(el))[0]
@@ -499,7 +474,7 @@ def test_eval_random_crops_are_seeded_per_epoch(tmp_path: Path) -> None:
 
 def test_eval_refuses_unusable_files(tmp_path: Path) -> None:
     samples = _odd_folder(tmp_path / "d")
-    index = _index(samples, tmp_path / "d")
+    index = index_of(samples, tmp_path / "d")
     with pytest.raises(DecodeError, match="unusable"):
         D.DaliEvalLoader(samples, reid(16, 8), 4, index, options=CPU)
     good = [i for i, u in enumerate(index.usable()) if u]
@@ -549,7 +524,7 @@ def test_gpu_views_match_cpu_views(tmp_path: Path, recipe: str) -> None:
     """Every data.views recipe; SimCLR's ±0.2-turn hue runs the graph's own HSV hue path."""
     img = blocks(tmp_path / "b.png", size=48)
     samples = [(str(img), 0)] * 16
-    index = _index(samples, tmp_path)
+    index = index_of(samples, tmp_path)
     specs = view_pair(recipe, 32, 0.2)
     cpu = next(iter(D.DaliPretrainLoader(samples, specs, 16, index, options=CPU).epoch(0)))
     opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
@@ -569,7 +544,7 @@ def test_gpu_eval_matches_cpu(tmp_path: Path) -> None:
     for i in range(5):
         blocks(root / "c" / f"{i}.png", size=48, seed=i)
     samples, _ = scan_imagefolder(root)
-    index = _index(samples, root)
+    index = index_of(samples, root)
     opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
     a = [x for x, _, _ in D.DaliEvalLoader(samples, linear_val(32, 40), 2, index, options=CPU)]
     b = [x for x, _, _ in D.DaliEvalLoader(samples, linear_val(32, 40), 2, index, options=opts)]
@@ -588,7 +563,7 @@ def test_gpu_nvjpeg_views_match_cpu_views_on_jpegs(tmp_path: Path) -> None:
         path = tmp_path / f"{i}.jpg"
         Image.fromarray(small).resize((160, 120), Image.BILINEAR).save(path, quality=90)
         samples.append((str(path), 0))
-    index = _index(samples, tmp_path)
+    index = index_of(samples, tmp_path)
     specs = byol_views(64, 0.2)
     cpu = next(iter(D.DaliPretrainLoader(samples, specs, 8, index, options=CPU).epoch(0)))
     opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())

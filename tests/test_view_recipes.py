@@ -21,7 +21,6 @@ from PIL import Image
 from sslctl import UserError, config
 from sslctl.data import dali as D
 from sslctl.data import tv
-from sslctl.data.index import build_index, index_path
 from sslctl.data.select import build_pretrain_loader
 from sslctl.data.tv import PretrainLoader, ViewParams, draw_params, sample_rng
 from sslctl.data.views import (
@@ -35,11 +34,9 @@ from sslctl.data.views import (
     view_pair,
 )
 from sslctl.dist import DistInfo
+from tests.dali_helpers import render_both, uint8_views
 from tests.image_helpers import blocks
 
-MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-CPU = D.DaliOptions(threads=2, read_threads=2)
 CPU_RANK = DistInfo(0, 1, 0, torch.device("cpu"))
 
 # ----------------------------------------------------------------------------- the papers
@@ -218,24 +215,6 @@ def dali(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DALI installed (else skip), and its preflight index cached under tmp_path."""
     pytest.importorskip("nvidia.dali")
     monkeypatch.setenv("SSLCTL_CACHE", str(tmp_path / "cache"))
-
-
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    """Normalised B×3×H×W views back to uint8-scale B×H×W×3 floats."""
-    return ((x.float() * STD + MEAN) * 255.0).permute(0, 2, 3, 1).numpy()
-
-
-def render_both(
-    path: Path, n: int, specs: tuple[ViewSpec, ViewSpec], seed: int = 0
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """([dali v1, v2], [tv v1, v2]) of n samples that all read the image at ``path``."""
-    samples = [(str(path), 0)] * n
-    index = build_index([p for p, _ in samples], path.parent, index_path(path.parent)).index
-    dl = D.DaliPretrainLoader(samples, specs, n, index, seed=seed, options=CPU)
-    tl = PretrainLoader(samples, specs, n, seed=seed)
-    d = next(iter(dl.epoch(0)))
-    t = next(iter(tl.epoch(0)))
-    return [_uint8(v) for v in d], [_uint8(v) for v in t]
 
 
 def _fixed_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -454,7 +433,7 @@ def _loader_views(
     for key in loader.indices(0):  # type: ignore[attr-defined]
         rng = sample_rng(cfg.train.seed, 0, key)
         draws.append(tuple(draw_params(40, 40, s, rng) for s in specs))
-    return loader, specs, [_uint8(v1), _uint8(v2)], draws
+    return loader, specs, [uint8_views(v1), uint8_views(v2)], draws
 
 
 @pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.dali)])
