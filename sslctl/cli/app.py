@@ -73,7 +73,7 @@ def _options(
         ),
     ] = False,
 ) -> None:
-    pass
+    del version  # acted on eagerly by _print_version, before any command
 
 
 def _register(name: str, module: object) -> None:

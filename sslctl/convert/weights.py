@@ -94,7 +94,7 @@ def _read(path: Path, part: str, trust_pickle: bool | None) -> BackboneWeights:
 
 
 def _no_part(path: Path, part: str, meta: dict[str, str]) -> UserError:
-    if part == "target" and meta.get("method") in ("simclr", "simsiam"):
+    if part == "target" and meta.get("method"):  # an sslctl checkpoint without target.*
         return UserError(
             f"{path}: a {meta['method']} checkpoint has no target network (the method trains "
             "one encoder); use --part online"
