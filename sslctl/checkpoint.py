@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +31,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from sslctl import UserError, log
+from sslctl import UserError, files, log
 
 FORMAT = "sslctl-checkpoint"
 FORMAT_VERSION = "1"
 _NAME = re.compile(r"^step_(\d{8,})$")
 _STRIP = ("module.", "_orig_mod.")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temp files are 0600
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,76 +47,6 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             k = k.replace(p, "")
         out[k] = v
     return out
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem allows opening a directory
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-TMP_PREFIX = ".sslctl-tmp."  # every temporary file sslctl writes starts with this
-
-
-def _temp_for(path: Path) -> Path:
-    """A fresh, empty temporary file beside ``path`` under a name sslctl owns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _write_synced(write: Callable[[str], object], tmp: Path) -> None:
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except OSError as e:
-        if not e.filename:
-            e.filename = str(tmp)  # a failed write() names no file: name it (write_error)
-        raise
-    os.chmod(tmp, _FILE_MODE)
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``; no partial file on failure."""
-    tmp = _temp_for(path)
-    try:
-        _write_synced(write, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temps(directory: Path) -> int:
-    """Delete temporaries left in ``directory`` by a killed process (call with the lock held,
-    when no live process can own one). Returns how many were removed."""
-    n = 0
-    if directory.is_dir():
-        # .*.tmp and .tmp*: what earlier sslctl builds (and safetensors' save_file inside
-        # them) left behind
-        old = [*directory.glob(".*.tmp"), *directory.glob(".tmp*")]
-        for p in [*directory.glob(f"{TMP_PREFIX}*"), *old]:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                p.unlink()
-                n += 1
-    return n
-
-
-def write_error(e: OSError) -> str:
-    """An OS error while writing, as ``PATH: reason`` (the file it failed on and the OS's words;
-    a temporary name is shown as the file it stands for)."""
-    name = str(e.filename) if e.filename else ""
-    if TMP_PREFIX in name:
-        name = name.replace(TMP_PREFIX, "").rsplit(".", 1)[0]
-    reason = e.strerror or str(e)
-    return f"{name}: {reason}" if name else reason
 
 
 def sha256_file(path: Path) -> str:
@@ -154,7 +74,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Atomic safetensors write."""
     data = safetensors_bytes(tensors, meta)
-    atomic_write(path, lambda tmp: write_bytes(tmp, data))
+    files.atomic_write(path, lambda tmp: write_bytes(tmp, data))
 
 
 @dataclass(frozen=True)
@@ -197,10 +117,12 @@ def save(
     s_bytes = buf.getvalue()
     temps: list[Path] = []
     try:
-        w_tmp, s_tmp, m_tmp = (_temp_for(p) for p in (paths.weights, paths.state, paths.manifest))
+        w_tmp, s_tmp, m_tmp = (
+            files.temp_for(p) for p in (paths.weights, paths.state, paths.manifest)
+        )
         temps = [w_tmp, s_tmp, m_tmp]
-        _write_synced(lambda t: write_bytes(t, w_bytes), w_tmp)
-        _write_synced(lambda t: write_bytes(t, s_bytes), s_tmp)
+        files.write_synced(lambda t: write_bytes(t, w_bytes), w_tmp)
+        files.write_synced(lambda t: write_bytes(t, s_bytes), s_tmp)
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -211,7 +133,7 @@ def save(
                 paths.state.name: hashlib.sha256(s_bytes).hexdigest(),
             },
         }
-        _write_synced(lambda t: Path(t).write_text(json.dumps(manifest, indent=1)), m_tmp)
+        files.write_synced(lambda t: Path(t).write_text(json.dumps(manifest, indent=1)), m_tmp)
         ok, why = _verify_files(m_tmp, {paths.weights.name: w_tmp, paths.state.name: s_tmp})
         if not ok:
             raise OSError(f"checkpoint step {step} did not read back ({why})")
@@ -222,7 +144,7 @@ def save(
         for t in temps:
             with contextlib.suppress(OSError):
                 t.unlink()
-    _fsync_dir(directory)
+    files.fsync_dir(directory)
     return paths
 
 

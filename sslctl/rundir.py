@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sslctl import UserError, checkpoint, dist, log
+from sslctl import UserError, checkpoint, dist, files, log
 
 LOCK_NAME = ".lock"
 SUPERSEDED = "superseded"
@@ -153,7 +153,7 @@ def lock_on_main(directory: Path, is_main: bool) -> contextlib.AbstractContextMa
             lock = DirLock(directory)
             # ours now: temporaries left by a killed run or evaluation are stale
             for d in [directory, *(p for p in directory.iterdir() if p.is_dir())]:
-                checkpoint.remove_stale_temps(d)
+                files.remove_stale_temps(d)
         except UserError as e:
             error = str(e)
         except OSError as e:  # permissions, a read-only disk

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslctl import UserError
+from sslctl import UserError, files
 from sslctl.data import bundled
 from sslctl.data.readers import scan_imagefolder
 
@@ -119,12 +119,12 @@ def test_renderings_vary_and_keep_the_digit_visible() -> None:
 def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SSLCTL_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert bundled.cache_dir() == tmp_path / "a"
+    assert files.cache_dir() == tmp_path / "a"
     monkeypatch.delenv("SSLCTL_CACHE")
-    assert bundled.cache_dir() == tmp_path / "x" / "sslctl"
+    assert files.cache_dir() == tmp_path / "x" / "sslctl"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert bundled.cache_dir() == tmp_path / "home" / ".cache" / "sslctl"
+    assert files.cache_dir() == tmp_path / "home" / ".cache" / "sslctl"
 
 
 def test_incomplete_copy_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslctl import UserError, checkpoint
+from sslctl import UserError, checkpoint, files
 
 
 def _save(d: Path, step: int, epoch: int = 0, position: int = 0) -> checkpoint.CkptPaths:
@@ -91,21 +91,21 @@ def test_kill_during_atomic_write_leaves_no_partial_file(tmp_path):
         f"""
         import os, signal, torch
         from pathlib import Path
-        from sslctl import checkpoint
+        from sslctl import files
         def write(tmp):
             with open(tmp, "wb") as fh:
                 fh.write(b"x" * 1000)
                 fh.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.atomic_write(Path({str(target)!r}), write)
+        files.atomic_write(Path({str(target)!r}), write)
         """
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert r.returncode == -9
     assert not target.exists()
     assert os.listdir(tmp_path)  # the temp file stays behind, under a name sslctl owns
-    assert all(n.startswith(checkpoint.TMP_PREFIX) for n in os.listdir(tmp_path))
-    assert checkpoint.remove_stale_temps(tmp_path) == 1 and not os.listdir(tmp_path)
+    assert all(n.startswith(files.TMP_PREFIX) for n in os.listdir(tmp_path))
+    assert files.remove_stale_temps(tmp_path) == 1 and not os.listdir(tmp_path)
 
 
 def test_a_verified_step_is_never_rewritten(tmp_path):
@@ -155,7 +155,7 @@ def test_kill9_during_save_leaves_existing_checkpoints_and_no_visible_part(tmp_p
     assert r.returncode == -9, r.stderr
     assert checkpoint.verify(checkpoint.CkptPaths.of(tmp_path, 1)) == (True, "ok")
     assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [1]
-    assert checkpoint.remove_stale_temps(tmp_path) >= 1
+    assert files.remove_stale_temps(tmp_path) >= 1
     assert sorted(os.listdir(tmp_path)) == sorted(
         p.name for p in (checkpoint.CkptPaths.of(tmp_path, 1).weights,
                          checkpoint.CkptPaths.of(tmp_path, 1).state,
@@ -185,7 +185,7 @@ def test_stale_temporaries_of_older_versions_are_removed_too(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     keep = tmp_path / "notes.tmp"
     keep.write_text("mine")
-    assert checkpoint.remove_stale_temps(tmp_path) == 3
+    assert files.remove_stale_temps(tmp_path) == 3
     assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslctl import checkpoint, config, rundir
+from sslctl import checkpoint, config, files, rundir
 from sslctl.api.pretrain import recorded_config
 from sslctl.log import read_jsonl
 from tests.fault_helpers import ROOT, env, make_images, run_cli, sslctl_cmd, write_profile
@@ -284,8 +284,8 @@ def test_evaluation_output_directories_are_locked(base, tmp_path, command):
 def test_stale_temporaries_are_removed_at_start(base, tmp_path):
     run = _copy_done(base, tmp_path)
     stale = [
-        run / "checkpoints" / f"{checkpoint.TMP_PREFIX}step_00000013.safetensors.x1",
-        run / f"{checkpoint.TMP_PREFIX}status.json.x2",
+        run / "checkpoints" / f"{files.TMP_PREFIX}step_00000013.safetensors.x1",
+        run / f"{files.TMP_PREFIX}status.json.x2",
     ]
     for p in stale:
         p.write_bytes(b"\0" * (5 << 20))
@@ -394,7 +394,7 @@ def test_kill9_then_rerun_leaves_no_temporaries_and_a_continuous_history(base, t
         ckdir = run / "checkpoints"
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if ckdir.is_dir() and any(ckdir.glob(f"{checkpoint.TMP_PREFIX}*")):
+            if ckdir.is_dir() and any(ckdir.glob(f"{files.TMP_PREFIX}*")):
                 break
             time.sleep(0.0005)
         proc.kill()
@@ -404,7 +404,7 @@ def test_kill9_then_rerun_leaves_no_temporaries_and_a_continuous_history(base, t
         _all_kept(run, kept)  # pruning may drop steps older than keep_last (+ epoch ends)
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert not list(run.rglob(f"{checkpoint.TMP_PREFIX}*"))
+    assert not list(run.rglob(f"{files.TMP_PREFIX}*"))
     _no_gaps(run / "metrics.jsonl", STEPS)
 
 

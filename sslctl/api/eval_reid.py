@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import sslctl
-from sslctl import UserError, checkpoint, dist, log, paths_as_path, rundir
+from sslctl import UserError, checkpoint, dist, files, log, paths_as_path, rundir
 from sslctl.backbones import load_backbone
 from sslctl.convert.weights import PARTS, read_backbone
 from sslctl.eval import reid_features as rf
@@ -608,9 +608,8 @@ def _write_outputs(o: EvalReidOptions, results: dict[str, Any], m: rmx.ReidMetri
         o.out / f"results-{h}.json", o.out / f"cmc-{h}.png",
     )  # fmt: skip
     results["results_files"] = {"latest": w.results.name, "this_run": w.run_results.name}
-    text = json.dumps(results, indent=2) + "\n"
     for path in (w.run_results, w.results):  # the latest last: it names a file that exists
-        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        files.write_json(path, results)
     layout = results["layout"] or "features"
     label = f"CMC {layout} ({m.num_valid_queries} queries, {m.ap_definition} AP)"
     for path in (w.run_plot, w.plot):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import sslctl
-from sslctl import UserError, config, dist, log, paths_as_path
+from sslctl import UserError, config, dist, files, log, paths_as_path
 from sslctl.api.linear_eval import (
     Backbone,
     Matched,
@@ -27,7 +27,6 @@ from sslctl.api.linear_eval import (
     random_backbone,
     say_unchanged,
     split_features,
-    write_results,
 )
 from sslctl.eval.cache import state_digest
 from sslctl.eval.knn import knn_accuracy
@@ -156,5 +155,5 @@ def _evaluate(
     )
     log.info(f"kNN k={cfg.knn.k} T={cfg.knn.temperature}: top-1 {results['top1']:.2f}%")
     path = o.out / "results.json"
-    write_results(path, results)
+    files.write_json(path, results)
     return KnnEvalResult(results, path)

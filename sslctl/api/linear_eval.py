@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 import sslctl
-from sslctl import UserError, checkpoint, config, dist, log, paths_as_path
+from sslctl import UserError, config, dist, files, log, paths_as_path
 from sslctl.backbones import build_backbone, infer_arch, load_backbone
 from sslctl.config import LinearConfig
 from sslctl.convert.weights import read_backbone
@@ -278,15 +278,6 @@ def _cached(
     return {**out, "features_from_cache": hit, "note": PROXY_NOTE}, "done"
 
 
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    text = json.dumps(results, indent=2) + "\n"
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    checkpoint.atomic_write(path, write)
-
-
 def _context(o: LinearEvalOptions, profile: str, m: Matched, splits: Splits, bb: Backbone) -> dict:
     taken = {"from_training_config": m.taken} if m.taken else {}
     return {
@@ -364,7 +355,7 @@ def _evaluate(
         dist.barrier()  # no rank looks for checkpoints while they move
     if di.is_main:
         text = yaml.safe_dump(probe_settings(m.cfg), sort_keys=False)
-        checkpoint.atomic_write(o.out / "config.yaml", lambda t: Path(t).write_text(text))
+        files.atomic_write(o.out / "config.yaml", lambda t: Path(t).write_text(text))
     log.info(
         f"linear-eval ({o.protocol}) of {learned.arch} on {splits.train_source} "
         f"({len(splits.train)} images) / {splits.val_source} ({len(splits.val)}), "
@@ -382,5 +373,5 @@ def _evaluate(
     results = {**results, **_context(o, profile, m, splits, learned)}
     results["seconds"] = time.perf_counter() - t0
     path = o.out / "results.json"
-    write_results(path, results)
+    files.write_json(path, results)
     return LinearEvalResult(results, path, stopped)

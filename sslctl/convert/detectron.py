@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from sslctl import UserError, checkpoint
+from sslctl import UserError, files
 
 AUTHOR = "sslctl"
 PICKLE_PROTOCOL = 4  # readable by every Python 3 that detectron2 supports
@@ -165,7 +165,7 @@ def write_pickle(output: Path, model: dict[str, np.ndarray]) -> None:
             raise UserError(f"{output}: reads back different from what was written; disk problem?")
 
     try:
-        checkpoint.atomic_write(output, _write)
+        files.atomic_write(output, _write)
     except OSError as e:
         raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
 
@@ -410,7 +410,7 @@ def _write_text(path: Path, text: str) -> Path:
         Path(tmp).write_text(text)
 
     try:
-        checkpoint.atomic_write(path, _write)
+        files.atomic_write(path, _write)
     except OSError as e:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     return path

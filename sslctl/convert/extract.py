@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from sslctl import UserError, checkpoint, last_line
+from sslctl import UserError, checkpoint, files, last_line
 from sslctl.backbones import ConvNet4, infer_arch
 
 FORMAT = "sslctl-backbone"
@@ -177,6 +177,6 @@ def write(output: Path, bb: Backbone, fmt: str, meta: dict[str, str]) -> None:
         check_loads(back, bb.arch, bb.small_stem, what)
 
     try:
-        checkpoint.atomic_write(output, _write)
+        files.atomic_write(output, _write)
     except OSError as e:
         raise UserError(f"{output}: cannot write ({e.strerror or e})") from None

@@ -26,6 +26,7 @@ from PIL import Image, ImageFilter
 
 from sslctl import UserError
 from sslctl.data.readers import quote
+from sslctl.files import cache_dir, unwritable_cache
 
 VERSION = "digits-v2"
 CANVAS = 48  # pixels; the demo trains on 32-pixel crops of these
@@ -40,22 +41,6 @@ DESCRIPTION = (
     f"train: {TRAIN_RENDERINGS} renderings of each of 1,437 digits; val: one rendering of each "
     f"of the other 360 (stratified split). ImageFolder layout train/<digit>/, val/<digit>/."
 )
-
-
-def cache_dir() -> Path:
-    """$SSLCTL_CACHE, else $XDG_CACHE_HOME/sslctl, else ~/.cache/sslctl."""
-    if os.environ.get("SSLCTL_CACHE"):
-        return Path(os.environ["SSLCTL_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sslctl"
-
-
-def unwritable_cache(what: str, folder: Path, e: OSError) -> UserError:
-    """The one line for a cache folder sslctl cannot write (read-only, under a file, full)."""
-    why = e.strerror or type(e).__name__
-    return UserError(
-        f"cannot write {what} under {quote(folder)} ({why}); set SSLCTL_CACHE to a writable folder"
-    )
 
 
 def bundled_root() -> Path:

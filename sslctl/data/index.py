@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sslctl.checkpoint import TMP_PREFIX, atomic_write
-from sslctl.data.bundled import cache_dir, unwritable_cache
 from sslctl.data.readers import (
     MAX_IMAGE_PIXELS,
     NOT_REGULAR,
@@ -39,6 +37,7 @@ from sslctl.data.readers import (
     is_special_mode,
     pixel_problem,
 )
+from sslctl.files import TMP_PREFIX, atomic_write, cache_dir, unwritable_cache
 
 VERSION = 2  # 2: the kinds multi-frame and huge (codes moved)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sslctl import UserError, __version__, checkpoint, dist, last_line, log
+from sslctl import UserError, __version__, checkpoint, dist, files, last_line, log
 from sslctl.config import Config, from_json, to_yaml
 from sslctl.engine.lars import LARS, param_groups_lars
 from sslctl.engine.preempt import StopFlag
@@ -264,7 +264,7 @@ class Trainer:
                 if not bad:
                     self._write_checkpoint(tensors)
             except OSError as e:
-                error = checkpoint.write_error(e)
+                error = files.write_error(e)
             except Exception as e:  # noqa: BLE001 - a writer's own error type (disk full, …):
                 error = f"{type(e).__name__}: {last_line(e)}"  # told to every rank, not a hang
         failed = dist.all_reduce_max(
@@ -640,7 +640,7 @@ class Trainer:
         def write(tmp: str) -> None:
             Path(tmp).write_text(header + to_yaml(self.cfg), encoding="utf-8")
 
-        checkpoint.atomic_write(self.req.run_dir / "config.yaml", write)
+        files.atomic_write(self.req.run_dir / "config.yaml", write)
 
     def _monitor(self) -> None:
         every = self.cfg.eval.knn_every
@@ -685,7 +685,7 @@ class Trainer:
         def write(tmp: str) -> None:
             Path(tmp).write_text(json.dumps(status) + "\n")
 
-        checkpoint.atomic_write(self.req.run_dir / "status.json", write)
+        files.atomic_write(self.req.run_dir / "status.json", write)
 
     @staticmethod
     def _saved_step(path: Path) -> int:

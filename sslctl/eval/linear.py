@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from sslctl import UserError, checkpoint, dist, log
+from sslctl import UserError, checkpoint, dist, files, log
 from sslctl.backbones import feature_dim
 from sslctl.config import CachedCfg, LinearConfig
 from sslctl.data.tv import EvalDataset, WorkerLoader
@@ -208,7 +208,7 @@ class StandardProbe:
                 checkpoint.save(self.ckpt_dir, self.pos.step, tensors, meta, self._train_state())
                 checkpoint.prune(self.ckpt_dir, KEEP_CHECKPOINTS, lambda m: False)
             except OSError as e:
-                error = checkpoint.write_error(e)
+                error = files.write_error(e)
         if dist.any_rank(bool(error)):
             raise UserError(
                 f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); "

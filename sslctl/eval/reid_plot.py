@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from sslctl import checkpoint
+from sslctl import files
 
 _W, _H = 720, 480
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 30, 50, 60  # margins around the plot area
@@ -120,5 +120,5 @@ def save_cmc_plot(
     info = PngInfo()
     for key, value in (("Title", plot.title), ("xscale", plot.xscale), ("drawstyle", DRAWSTYLE)):
         info.add_text(key, value)
-    checkpoint.atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
+    files.atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
     return plot
