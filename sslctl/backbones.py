@@ -88,12 +88,22 @@ def build_backbone(
         if small_stem:
             raise UserError("model.small_stem applies to ResNets only; convnet4 has no stem")
         return ConvNet4()
+    net = torchvision_resnet(arch, small_stem, zero_init_residual)
+    net.fc = nn.Identity()  # type: ignore[assignment]
+    return net
+
+
+def torchvision_resnet(
+    arch: str, small_stem: bool = False, zero_init_residual: bool = False
+) -> models.ResNet:
+    """``torchvision.models.<arch>()``, randomly initialised, with its fc head; with
+    ``small_stem``, the 3×3/1 stem without max-pool (``build_backbone``'s). The one place a
+    ResNet is built: backbones and the reference networks extracted weights must load into."""
     net = _BUILDERS[arch][0](weights=None, zero_init_residual=zero_init_residual)
     if small_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()  # type: ignore[assignment]
-    net.fc = nn.Identity()  # type: ignore[assignment]
     return net
 
 

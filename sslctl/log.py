@@ -279,7 +279,3 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     tmp = path.with_name(f".sslctl-tmp.{path.name}")  # removed at start-up if a kill leaves it
     tmp.write_text("".join(keep), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -14,7 +14,7 @@ from torchvision import models
 from typer.testing import CliRunner
 
 from sslctl import UserError, api, checkpoint
-from sslctl.backbones import build_backbone
+from sslctl.backbones import build_backbone, torchvision_resnet
 from sslctl.cli.app import app
 from sslctl.convert import extract as ex
 
@@ -119,7 +119,7 @@ def test_small_stem_backbone(tmp_path):
     res = api.extract(tmp_path / "run", tmp_path / "s.safetensors")
     state, meta = checkpoint.load_safetensors(tmp_path / "s.safetensors")
     assert res.small_stem and meta["small_stem"] == "true"
-    net = ex.torchvision_resnet("resnet18", small_stem=True)
+    net = torchvision_resnet("resnet18", small_stem=True)
     assert sorted(net.load_state_dict(state, strict=False).missing_keys) == ["fc.bias", "fc.weight"]
 
 

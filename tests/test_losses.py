@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslctl import UserError
 from sslctl.losses import (
     byol_loss,
     min_batch,
@@ -101,9 +100,9 @@ def test_triplet_scale_invariant_inputs() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 5, 10])
-def test_triplet_too_small_batch_is_user_error(n: int) -> None:
+def test_triplet_too_small_batch_is_value_error(n: int) -> None:
     p, z = _inputs(n, n, 8, seed=0)
-    with pytest.raises(UserError, match=r"at least drop\+keep\+1 = 11 samples.*got " + str(n)):
+    with pytest.raises(ValueError, match=r"at least drop\+keep\+1 = 11 samples.*got " + str(n)):
         truncated_triplet_loss(p, z)
     assert min_batch(1, 9) == 11
     # ten samples suffice when one fewer negative is kept

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslctl.cli.common import TRUST_PICKLE_HELP, out_console, user_errors
+from sslctl.cli.common import Network, TrustPickle, out_console, user_errors
 
 HELP = (
     "Convert a backbone to detectron2's .pkl, checked against its full ResNet parameter list; "
@@ -30,10 +30,7 @@ def command(
             "--output", "-o", metavar="FILE.pkl", help="detectron2 weights to write (.pkl)"
         ),
     ],
-    part: Annotated[
-        str,
-        typer.Option(metavar="online|target", help="online or target network (sslctl checkpoints)"),
-    ] = "online",
+    part: Network = "online",
     configs: Annotated[
         Path | None,
         typer.Option(metavar="DIR", help="also write detectron2 configs and train_net.py here"),
@@ -46,7 +43,7 @@ def command(
             "or moco (lr 0.02, step schedule, VOC 24k)",
         ),
     ] = "reference",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     from sslctl import api  # torch: imported when a command runs, not for --help
 

@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from sslctl.cli.common import out_console, user_errors
-from sslctl.data.readers import MAX_IMAGE_PIXELS, quote
+from sslctl.data.readers import MAX_IMAGE_PIXELS
+from sslctl.data.text import quote
 
 if TYPE_CHECKING:
     from sslctl.api.data_check import DataCheckResult

@@ -14,7 +14,8 @@ from rich.table import Table
 # No torch here: `sslctl --help` imports every command module, so `sslctl.api` (torch) is
 # imported inside the command.
 from sslctl import UserError
-from sslctl.cli.common import TRUST_PICKLE_HELP, out_console, user_errors
+from sslctl.cli.common import WEIGHTS_HELP, Part, TrustPickle, out_console, user_errors
+from sslctl.cli.launch import relaunch_if_asked
 
 HELP = (
     "Re-identification evaluation: CMC rank-1/5/10, mAP (and mINP) with the junk rule, on "
@@ -61,7 +62,6 @@ def _table(r: dict[str, Any]) -> Table:
 
 Opt = typer.Option
 _H = {
-    "weights": "checkpoint (file, run dir, …/last), extracted backbone or torchvision .pth",
     "data": "test-set root (query/ + gallery/, or bounding_box_test/ for market1501)",
     "out": "results.json, cmc.png, features/ and ranks caches",
     "layout": "sysu30k | market1501 | imagefolder (also picks the defaults of --flip-fusion, "
@@ -88,7 +88,6 @@ _H = {
     "nproc": "extract with N torchrun processes; 0 = this process only",
     "query": "query image folder (instead of --data)",
     "gallery": "gallery image folder (instead of --data)",
-    "part": "online | target backbone of an sslctl checkpoint",
     "flip": "add the mirrored image",
     "batch_size": "images per forward pass (per process)",
     "ties": "pessimistic (a tied negative ranks ahead) | optimistic",
@@ -103,7 +102,7 @@ _H = {
 
 @user_errors
 def command(
-    weights: Annotated[Path | None, typer.Argument(metavar="WEIGHTS", help=_H["weights"])] = None,
+    weights: Annotated[Path | None, typer.Argument(metavar="WEIGHTS", help=WEIGHTS_HELP)] = None,
     data: Annotated[Path | None, Opt(metavar="DIR", help=_H["data"])] = None,
     query: Annotated[Path | None, Opt(metavar="DIR", help=_H["query"])] = None,
     gallery: Annotated[Path | None, Opt(metavar="DIR", help=_H["gallery"])] = None,
@@ -113,7 +112,7 @@ def command(
     out: Annotated[Path, Opt(metavar="DIR", help=_H["out"])] = Path("runs/reid"),
     query_features: Annotated[Path | None, Opt(metavar="FILE", help=_H["features"])] = None,
     gallery_features: Annotated[Path | None, Opt(metavar="FILE", help=_H["features"])] = None,
-    part: Annotated[str, Opt(metavar="online|target", help=_H["part"])] = "online",
+    part: Part = "online",
     flip: Annotated[bool, Opt("--flip/--no-flip", help=_H["flip"])] = True,
     flip_fusion: Annotated[
         str | None, Opt(metavar="legacy-triplet|sum", help=_H["flip_fusion"])
@@ -140,7 +139,7 @@ def command(
     ] = None,
     nproc_per_node: Annotated[int, Opt(metavar="N", help=_H["nproc"])] = 0,
     cmc_log_x: Annotated[bool, Opt("--cmc-log-x", help=_H["cmc_log_x"])] = False,
-    trust_pickle: Annotated[bool, Opt("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     from sslctl import api  # imports torch: only when the command runs
 
@@ -156,13 +155,12 @@ def command(
     )  # fmt: skip
     if nproc_per_node > 0:
         from sslctl.api.eval_reid import validate
-        from sslctl.cli.launch import relaunch_with_torchrun
 
         checked = validate(opts)  # a refusal before torchrun starts N processes
         argv = sys.argv[1:]
         if layout is None and checked.layout is not None:  # detected once, here
             argv = [*argv, "--layout", str(checked.layout)]
-        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, argv))
+        relaunch_if_asked(nproc_per_node, argv=argv)
     res = api.eval_reid(**vars(opts))
     if not res.results:  # ranks other than 0 under torchrun
         return

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sslctl.cli.common import TRUST_PICKLE_HELP, out_console, user_errors
+from sslctl.cli.common import Network, TrustPickle, out_console, user_errors
 
 # torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
@@ -29,10 +29,7 @@ def command(
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="file to write")],
-    part: Annotated[
-        str,
-        typer.Option(metavar="online|target", help="online or target network (sslctl checkpoints)"),
-    ] = "online",
+    part: Network = "online",
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -41,7 +38,7 @@ def command(
             help="safetensors or torchvision (.pth); default: from the suffix",
         ),
     ] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     from sslctl import api
 

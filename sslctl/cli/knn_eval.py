@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from sslctl.cli.common import out_console, user_errors
-from sslctl.cli.linear_eval import (
-    OPTION_HELP,
-    CacheDir,
-    CompareRandom,
-    Data,
-    Device,
-    Nproc,
-    Part,
-    Profile,
-    Recompute,
-    TrustPickle,
-    Weights,
-)
+from sslctl.cli import common
+from sslctl.cli.common import out_console, set_option, split_option, user_errors
+from sslctl.cli.launch import relaunch_if_asked
 
 # torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
@@ -51,14 +39,10 @@ def results_table(r: dict[str, Any]) -> Table:
 
 @user_errors
 def command(
-    weights: Weights,
-    data: Data = None,
-    train: Annotated[
-        Path | None, Opt(metavar="PATH", help=f"memory bank split: {OPTION_HELP['split']}")
-    ] = None,
-    val: Annotated[
-        Path | None, Opt(metavar="PATH", help=f"query split: {OPTION_HELP['split']}")
-    ] = None,
+    weights: common.Weights,
+    data: common.Data = None,
+    train: Annotated[Path | None, split_option("memory bank split")] = None,
+    val: Annotated[Path | None, split_option("query split")] = None,
     k: Annotated[
         int | None, Opt(metavar="N", help="neighbours (default: the profile's knn.k, 20)")
     ] = None,
@@ -66,27 +50,18 @@ def command(
         float | None,
         Opt(metavar="T", help="vote temperature (default: the profile's knn.temperature, 0.07)"),
     ] = None,
-    profile: Profile = None,
+    profile: common.Profile = None,
     out: Annotated[Path, Opt(metavar="DIR", help="results.json and cache/")] = Path("runs/knn"),
-    set_: Annotated[
-        list[str] | None,
-        Opt("--set", metavar="KEY=VALUE", help="override a profile key (repeatable)"),
-    ] = None,
-    compare_random: CompareRandom = False,
-    part: Part = "online",
-    cache_dir: CacheDir = None,
-    recompute: Recompute = False,
-    device: Device = "auto",
-    nproc_per_node: Nproc = 0,
-    trust_pickle: TrustPickle = False,
+    set_: Annotated[list[str] | None, set_option("override a profile key (repeatable)")] = None,
+    compare_random: common.CompareRandom = False,
+    part: common.Part = "online",
+    cache_dir: common.CacheDir = None,
+    recompute: common.Recompute = False,
+    device: common.Device = "auto",
+    nproc_per_node: common.Nproc = 0,
+    trust_pickle: common.TrustPickle = False,
 ) -> None:
-    if nproc_per_node > 0:
-        from sslctl.cli.launch import relaunch_with_torchrun
-        from sslctl.dist import check_device
-
-        check_device(device)  # one line here, not one per process under torchrun
-
-        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
+    relaunch_if_asked(nproc_per_node, device)
     from sslctl import api
 
     res = api.knn_eval(

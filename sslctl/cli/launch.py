@@ -1,15 +1,19 @@
-"""Re-launch the current command under torchrun: ``--nproc-per-node N`` without typing torchrun."""
+"""Re-launch the current command under torchrun: ``--nproc-per-node N`` without typing torchrun.
+
+``relaunch_if_asked`` is what a command calls first: every command with ``--nproc-per-node``
+goes through it."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import typer
 
 from sslctl import STOP_SIGNALS, UserError
 from sslctl.cli.common import EXIT_PREEMPTED
@@ -57,6 +61,21 @@ def _stop_flags() -> list[str]:
     return flags
 
 
+def relaunch_if_asked(nproc: int, device: str | None = None, argv: list[str] | None = None) -> None:
+    """With ``--nproc-per-node N`` (N > 0), run this command again in N torchrun processes and
+    exit with their exit code (typer.Exit); with 0, return and let the command run here.
+
+    ``device``: checked first, so that a wrong --device is one line here, not one per process.
+    ``argv``: the command line to re-launch (default ``sys.argv[1:]``)."""
+    if nproc <= 0:
+        return
+    if device is not None:
+        from sslctl.dist import check_device
+
+        check_device(device)
+    raise typer.Exit(relaunch_with_torchrun(nproc, sys.argv[1:] if argv is None else argv))
+
+
 def relaunch_with_torchrun(nproc: int, argv: list[str], module: str = "sslctl") -> int:
     """Run ``python -m MODULE argv`` (flag removed) in nproc torchrun processes; the exit code.
 
@@ -70,7 +89,9 @@ def relaunch_with_torchrun(nproc: int, argv: list[str], module: str = "sslctl") 
     """
     if nproc < 1:
         raise UserError(f"{FLAG} must be ≥ 1, got {nproc}")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    from sslctl.dist import launched_by_torchrun  # torch: only when launching
+
+    if launched_by_torchrun():
         raise UserError(f"{FLAG} given inside a torchrun worker: drop the flag or the torchrun")
     proc = subprocess.Popen(torchrun_command(nproc, argv, module), start_new_session=True)
     got: list[int] = []

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from sslctl.cli.common import EXIT_PREEMPTED, TRUST_PICKLE_HELP, out_console, user_errors
+from sslctl.cli import common
+from sslctl.cli.common import EXIT_PREEMPTED, out_console, set_option, split_option, user_errors
+from sslctl.cli.launch import relaunch_if_asked
 
 # torch (through sslctl.api) is imported inside the command: `sslctl --help` stays fast.
 
@@ -27,34 +27,6 @@ HELP = (
 )
 
 Opt = typer.Option
-OPTION_HELP = {
-    "weights": "checkpoint (file, run dir, …/last), extracted backbone or torchvision .pth",
-    "data": "root with train/ and val/ (ImageFolder), or 'bundled' (the demo digits)",
-    "split": "folder or list file of 'relative/path label' lines (relative to --data)",
-    "profile": "linear-eval profile (see `sslctl profiles`) or YAML file "
-    "(default: linear-demo-cpu for --data bundled, else linear-r50)",
-    "random": "also evaluate a seeded random initialisation of the same architecture",
-    "fresh": "start over: a run already in --out (checkpoints, metrics, results) moves to "
-    "OUT/superseded/<time>/ first",
-    "nproc": "launch N processes with torchrun (DDP); 0 = this process only",
-    "device": "auto | cpu | cuda | cuda:N (checked before any work)",
-    "trust_pickle": TRUST_PICKLE_HELP,
-}
-
-
-# Options linear-eval and knn-eval share, declared once.
-Weights = Annotated[Path, typer.Argument(metavar="WEIGHTS", help=OPTION_HELP["weights"])]
-Data = Annotated[str | None, Opt(metavar="DIR|bundled", help=OPTION_HELP["data"])]
-Profile = Annotated[str | None, Opt(metavar="NAME|FILE", help=OPTION_HELP["profile"])]
-CompareRandom = Annotated[bool, Opt("--compare-random", help=OPTION_HELP["random"])]
-Part = Annotated[
-    str, Opt(metavar="online|target", help="online | target backbone of an sslctl checkpoint")
-]
-CacheDir = Annotated[Path | None, Opt(metavar="DIR", help="cached features (default: OUT/cache)")]
-Recompute = Annotated[bool, Opt("--recompute", help="ignore cached features")]
-Device = Annotated[str, Opt(metavar="auto|cpu|cuda|cuda:N", help=OPTION_HELP["device"])]
-Nproc = Annotated[int, Opt(metavar="N", help=OPTION_HELP["nproc"])]
-TrustPickle = Annotated[bool, Opt("--trust-pickle", help=OPTION_HELP["trust_pickle"])]
 
 
 def _row(t: Table, name: str, r: dict[str, Any], cached: bool) -> None:
@@ -80,15 +52,11 @@ def results_table(r: dict[str, Any]) -> Table:
 
 @user_errors
 def command(
-    weights: Weights,
-    data: Data = None,
-    train: Annotated[
-        Path | None, Opt(metavar="PATH", help=f"training split: {OPTION_HELP['split']}")
-    ] = None,
-    val: Annotated[
-        Path | None, Opt(metavar="PATH", help=f"validation split: {OPTION_HELP['split']}")
-    ] = None,
-    profile: Profile = None,
+    weights: common.Weights,
+    data: common.Data = None,
+    train: Annotated[Path | None, split_option("training split")] = None,
+    val: Annotated[Path | None, split_option("validation split")] = None,
+    profile: common.Profile = None,
     out: Annotated[
         Path, Opt(metavar="DIR", help="run directory (results.json, metrics.jsonl, …)")
     ] = Path("runs/linear"),
@@ -99,17 +67,23 @@ def command(
         ),
     ] = "standard",
     set_: Annotated[
-        list[str] | None,
-        Opt("--set", metavar="KEY=VALUE", help="override a profile key: --set linear.lr=0.15"),
+        list[str] | None, set_option("override a profile key: --set linear.lr=0.15")
     ] = None,
-    compare_random: CompareRandom = False,
-    part: Part = "online",
-    fresh: Annotated[bool, Opt("--fresh", help=OPTION_HELP["fresh"])] = False,
-    cache_dir: CacheDir = None,
-    recompute: Recompute = False,
-    device: Device = "auto",
-    nproc_per_node: Nproc = 0,
-    trust_pickle: TrustPickle = False,
+    compare_random: common.CompareRandom = False,
+    part: common.Part = "online",
+    fresh: Annotated[
+        bool,
+        Opt(
+            "--fresh",
+            help="start over: a run already in --out (checkpoints, metrics, results) moves to "
+            "OUT/superseded/<time>/ first",
+        ),
+    ] = False,
+    cache_dir: common.CacheDir = None,
+    recompute: common.Recompute = False,
+    device: common.Device = "auto",
+    nproc_per_node: common.Nproc = 0,
+    trust_pickle: common.TrustPickle = False,
     tensorboard: Annotated[
         bool,
         Opt(
@@ -119,14 +93,8 @@ def command(
         ),
     ] = False,
 ) -> None:
-    if nproc_per_node > 0:
-        from sslctl.cli.launch import relaunch_with_torchrun
-        from sslctl.dist import check_device
-
-        check_device(device)  # one line here, not one per process under torchrun
-
-        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
-    from sslctl import api
+    relaunch_if_asked(nproc_per_node, device)
+    from sslctl import api, dist
 
     res = api.linear_eval(
         weights, data=data, train=train, val=val, profile=profile, out=out,
@@ -135,7 +103,7 @@ def command(
         trust_pickle=trust_pickle, tensorboard=tensorboard,
     )  # fmt: skip
     if res.stopped == "signal":
-        if int(os.environ.get("RANK", "0")) == 0:
+        if dist.is_main():
             out_console.print("linear-eval stopped by a signal (checkpointed); rerun to continue")
         raise typer.Exit(EXIT_PREEMPTED)
     if not res.results:  # ranks other than 0 under torchrun

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from sslctl.cli.common import EXIT_PREEMPTED, err_console, out_console, user_errors
+from sslctl.cli.common import (
+    EXIT_PREEMPTED,
+    Nproc,
+    err_console,
+    out_console,
+    set_option,
+    user_errors,
+)
+from sslctl.cli.launch import relaunch_if_asked
 
 HELP = (
     "Pre-train a backbone with a profile (Triplet or BYOL). Continues the run in --out from its "
@@ -45,12 +51,7 @@ def command(
         ),
     ] = None,
     set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            metavar="KEY=VALUE",
-            help="override a config key: --set optim.lr=2.4 (repeatable)",
-        ),
+        list[str] | None, set_option("override a config key: --set optim.lr=2.4 (repeatable)")
     ] = None,
     resume: Annotated[
         str,
@@ -85,12 +86,7 @@ def command(
     max_steps: Annotated[
         int | None, typer.Option(metavar="N", help="stop (and checkpoint) after N optimizer steps")
     ] = None,
-    nproc_per_node: Annotated[
-        int,
-        typer.Option(
-            metavar="N", help="launch N processes with torchrun (DDP); 0 = this process only"
-        ),
-    ] = 0,
+    nproc_per_node: Nproc = 0,
     tensorboard: Annotated[
         bool,
         typer.Option(
@@ -100,11 +96,8 @@ def command(
         ),
     ] = False,
 ) -> None:
-    if nproc_per_node > 0:
-        from sslctl.cli.launch import relaunch_with_torchrun
-
-        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, sys.argv[1:]))
-    from sslctl import api  # torch: imported when a command runs, not for --help
+    relaunch_if_asked(nproc_per_node)
+    from sslctl import api, dist  # torch: imported when a command runs, not for --help
 
     sets = [*(set_ or []), *(["log.tensorboard=true"] if tensorboard else [])]
     try:
@@ -115,7 +108,7 @@ def command(
         err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(EXIT_DIVERGED) from None
     f = res.fit
-    if int(os.environ.get("RANK", "0")) == 0:
+    if dist.is_main():
         if f.stopped == "complete":
             out_console.print(
                 f"pretrain complete: step {f.step}; checkpoint {f.checkpoint}", markup=False

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from sslctl import UserError, config
-from sslctl.cli.common import out_console, user_errors
+from sslctl.cli.common import out_console, set_option, user_errors
 
 HELP = (
     "List the bundled profiles: kind (pretrain: `sslctl pretrain --profile NAME`; linear-eval: "
@@ -34,11 +34,7 @@ def command(
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option(
-            "--set",
-            metavar="KEY=VALUE",
-            help="with show: override a key, --set optim.lr=2.4 (repeatable)",
-        ),
+        set_option("with show: override a key, --set optim.lr=2.4 (repeatable)"),
     ] = None,
 ) -> None:
     if action is None:

@@ -9,16 +9,14 @@ against :class:`sslctl.backbones.ConvNet4`, with nothing missing.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 
 from sslctl import UserError, checkpoint, files, last_line
-from sslctl.backbones import ConvNet4, infer_arch
+from sslctl.backbones import ConvNet4, infer_arch, torchvision_resnet
 
 FORMAT = "sslctl-backbone"
 FORMATS = ("safetensors", "torchvision")
@@ -26,16 +24,9 @@ _SUFFIX_FORMAT = {".safetensors": "safetensors", ".pth": "torchvision", ".pt": "
 # The head torchvision's ResNet has and a backbone does not: the only keys allowed to be missing.
 HEAD_KEYS = ("fc.weight", "fc.bias")
 
-_TORCHVISION: dict[str, Callable[..., models.ResNet]] = {
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "resnet50": models.resnet50,
-    "resnet101": models.resnet101,
-}
-
 
 @dataclass(frozen=True)
-class Backbone:
+class CheckedBackbone:
     """A backbone state dict in its reference network's order (torchvision's for ResNets),
     complete except for the fc head (convnet4 has none)."""
 
@@ -43,15 +34,6 @@ class Backbone:
     arch: str
     small_stem: bool
     counters_added: int  # BN num_batches_tracked buffers absent from the source, set to 0
-
-
-def torchvision_resnet(arch: str, small_stem: bool) -> models.ResNet:
-    """``torchvision.models.<arch>()`` with its fc head; the 3×3 small-image stem if asked."""
-    net = _TORCHVISION[arch](weights=None)
-    if small_stem:  # same module names as sslctl.backbones.build_backbone(small_stem=True)
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()  # type: ignore[assignment]
-    return net
 
 
 def reference_net(arch: str, small_stem: bool) -> nn.Module:
@@ -69,7 +51,7 @@ def loader_name(arch: str) -> str:
     return "sslctl.backbones.ConvNet4()" if arch == "convnet4" else f"torchvision.models.{arch}()"
 
 
-def as_torchvision(state: dict[str, torch.Tensor], source: str) -> Backbone:
+def as_torchvision(state: dict[str, torch.Tensor], source: str) -> CheckedBackbone:
     """Order ``state`` like its reference network (torchvision's ResNet, or ConvNet4) and check
     it fills every key but the head with the right shape.
 
@@ -102,7 +84,7 @@ def as_torchvision(state: dict[str, torch.Tensor], source: str) -> Backbone:
         else:
             out[k] = torch.zeros(ref.shape, dtype=ref.dtype)
             added += 1
-    return Backbone(out, arch, small, added)
+    return CheckedBackbone(out, arch, small, added)
 
 
 def _few(keys: list[str]) -> str:
@@ -159,7 +141,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def write(output: Path, bb: Backbone, fmt: str, meta: dict[str, str]) -> None:
+def write(output: Path, bb: CheckedBackbone, fmt: str, meta: dict[str, str]) -> None:
     """Write atomically; the temp file is read back and load-checked before it is renamed."""
 
     def _write(tmp: str) -> None:

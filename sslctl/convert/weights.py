@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sslctl import UserError, checkpoint, log
-from sslctl.data.readers import quote
+from sslctl.data.text import quote
 
 PARTS = ("online", "target")
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sslctl import UserError
-
 
 @dataclass(frozen=True)
 class TripletLossOut:
@@ -47,9 +45,10 @@ def _check_inputs(
         raise ValueError(f"pos_index must have shape ({n},), got {tuple(pos_index.shape)}")
     need = min_batch(drop, keep)
     if m < need:
-        raise UserError(
-            f"the truncated triplet loss needs at least drop+keep+1 = {need} samples per "
-            f"micro-batch, got {m}; raise train.batch_size or lower loss.keep/loss.drop_nearest"
+        # users meet the config's check (train.batch_size against loss.keep) before this
+        raise ValueError(
+            f"the truncated triplet loss needs at least drop+keep+1 = {need} samples (rows of "
+            f"z), got {m}"
         )
 
 
@@ -92,7 +91,7 @@ def truncated_triplet_loss(
         (or float64 for float64 inputs) regardless of autocast.
 
     Raises:
-        UserError: when m < drop + keep + 1 (batch too small to rank the negatives).
+        ValueError: when m < drop + keep + 1 (batch too small to rank the negatives).
     """
     _check_inputs(p, z, pos_index, drop, keep)
     n = p.shape[0]
