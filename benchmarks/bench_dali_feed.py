@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_jpegs beside th
 
 from make_jpegs import make_jpegs  # noqa: E402
 
-from sslctl.data.dali import DaliOptions, DaliPretrainLoader  # noqa: E402
+from sslctl.data.dali import DaliPretrainLoader  # noqa: E402
+from sslctl.data.dali_runner import DaliOptions  # noqa: E402
 from sslctl.data.index import build_index, index_path  # noqa: E402
 from sslctl.data.readers import scan_imagefolder  # noqa: E402
 from sslctl.data.views import byol_views  # noqa: E402

@@ -96,7 +96,8 @@ def bench_torchvision(samples: list, batch: int, workers: int) -> dict:
 
 
 def bench_dali(samples: list, index: object, batch: int, threads: int, gpu: bool) -> dict:
-    from sslctl.data.dali import DaliOptions, DaliPretrainLoader
+    from sslctl.data.dali import DaliPretrainLoader
+    from sslctl.data.dali_runner import DaliOptions
 
     specs = byol_views(224)
     opts = DaliOptions(threads=threads, gpu=gpu, half=gpu, read_threads=2)
@@ -126,7 +127,7 @@ def run(images: Path, batch: int, counts: list[int]) -> list[dict]:
             {"pipeline": "torchvision DataLoader", "n": n, **bench_torchvision(samples, batch, n)}
         )
     try:
-        from sslctl.data.dali import dali_available
+        from sslctl.data.dali_graph import dali_available
     except ImportError:
         return rows
     if not dali_available():

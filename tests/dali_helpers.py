@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from sslctl.data import dali as D
+from sslctl.data.dali_runner import DaliOptions
 from sslctl.data.index import build_index, index_path
 from sslctl.data.tv import PretrainLoader
 from sslctl.data.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-CPU = D.DaliOptions(threads=2, read_threads=2)  # CPU pipelines: run wherever DALI is installed
+CPU = DaliOptions(threads=2, read_threads=2)  # CPU pipelines: run wherever DALI is installed
 
 
 def index_of(samples: list[tuple[str, int]], root: Path):

@@ -1,4 +1,4 @@
-"""The DALI backend against the torchvision backend: views, odd files, sharding, resume, eval.
+"""The DALI backend against the torchvision backend: views, odd files, sharding, resume.
 
 CPU pipelines (device_id=None) run everywhere DALI is installed; the GPU ("mixed") ones are
 marked gpu and skipped without CUDA. Both backends draw the same per-sample parameters, so
@@ -20,15 +20,14 @@ pytest.importorskip("nvidia.dali")
 
 from sslctl import api  # noqa: E402
 from sslctl.data import dali as D  # noqa: E402
+from sslctl.data import dali_graph as G  # noqa: E402
+from sslctl.data import dali_runner as R  # noqa: E402
 from sslctl.data.index import KINDS, USABLE, index_path  # noqa: E402
-from sslctl.data.readers import DecodeError, load_rgb, scan_imagefolder  # noqa: E402
-from sslctl.data.tv import EvalDataset, PretrainLoader  # noqa: E402
+from sslctl.data.readers import load_rgb, scan_imagefolder  # noqa: E402
+from sslctl.data.tv import PretrainLoader  # noqa: E402
 from sslctl.data.views import (  # noqa: E402
     ViewSpec,
     byol_views,
-    linear_train,
-    linear_val,
-    reid,
     view_pair,
 )
 from tests.dali_helpers import CPU, index_of, render_both, uint8_views  # noqa: E402
@@ -210,9 +209,9 @@ def test_dali_decodes_every_usable_kind_like_pil(tmp_path: Path) -> None:
     index = index_of(samples, tmp_path / "d")
     usable = index.usable()
     paths = [p for p, _ in samples]
-    failures = D.dali_decode_failures(paths)
+    failures = R.dali_decode_failures(paths)
     assert set(failures) == {p for p, u in zip(paths, usable, strict=True) if not u}
-    runner = D._Runner(D._probe_graph, 1, D.DaliOptions(threads=1, prefetch=1))
+    runner = R.Runner(G.probe_graph, 1, R.DaliOptions(threads=1, prefetch=1))
     good = [p for p, u in zip(paths, usable, strict=True) if u]
     runner.start(
         [np.array([k]) for k in range(len(good))],
@@ -272,7 +271,7 @@ def test_run_time_failures_are_probed_with_the_loaders_decoder(
     dl = D.DaliPretrainLoader(samples, only(size=16), 4, index, options=CPU)
     dl._runner.options = replace(dl._runner.options, device_id=3)  # marks the probe's origin
     calls: list[tuple[bool, int]] = []
-    real = D.dali_decode_failures
+    real = R.dali_decode_failures
 
     def recording(paths: list[str], gpu: bool = False, device_id: int = 0) -> dict[str, str]:
         calls.append((gpu, device_id))
@@ -324,13 +323,13 @@ def test_an_epoch_cut_short_by_accumulation_reuses_the_pipeline(
     samples = _coded_folder(tmp_path / "d", 20)  # 5 batches of 4 per epoch
     index = index_of(samples, tmp_path / "d")
     builds = {"n": 0}
-    real = D._Runner._build
+    real = R.Runner._build
 
-    def counted(self: D._Runner) -> None:
+    def counted(self: R.Runner) -> None:
         builds["n"] += 1
         real(self)
 
-    monkeypatch.setattr(D._Runner, "_build", counted)
+    monkeypatch.setattr(R.Runner, "_build", counted)
     dl = D.DaliPretrainLoader(samples, only(size=8), 4, index, options=CPU)
     got = [[_decoded_indices(v) for v, _ in dl.epoch(e, end_batch=4)] for e in range(3)]
     assert [len(g) for g in got] == [4, 4, 4] and builds["n"] == 1
@@ -431,57 +430,6 @@ def test_epoch_length_and_too_few_images(tmp_path: Path) -> None:
         D.DaliPretrainLoader(samples, only(size=8), 6, index, world=2, options=CPU)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def test_eval_pipelines_match_torchvision(tmp_path: Path) -> None:
-    root = tmp_path / "d"
-    for i in range(7):
-        w, h = (50, 37) if i % 2 else (31, 44)
-        rng = np.random.default_rng(i)
-        save_png(root / f"c{i % 2}" / f"{i}.png", rng.integers(0, 256, (h, w, 3)))
-    samples, _ = scan_imagefolder(root)
-    index = index_of(samples, root)
-    for spec in (linear_val(24, 28), reid(32, 16)):
-        ds = EvalDataset(samples, spec)
-        el = D.DaliEvalLoader(samples, spec, 3, index, options=CPU)
-        assert len(el) == 3
-        seen = []
-        for x, labels, idx in el:
-            ref = torch.stack([ds[i][0] for i in idx.tolist()])
-            assert x.shape == ref.shape == (len(idx), 3, spec.height, spec.width)
-            assert (x - ref).abs().mean() < 0.02, spec  # normalised units: < 1.2 levels
-            assert labels.tolist() == [samples[i][1] for i in idx.tolist()]
-            seen += idx.tolist()
-        assert seen == list(range(7))  # dataset order, last batch partial
-    sub = D.DaliEvalLoader(samples, reid(32, 16), 4, index, order=[6, 2, 4], options=CPU)
-    assert [i for _, _, idx in sub for i in idx.tolist()] == [6, 2, 4]
-
-
-def test_eval_random_crops_are_seeded_per_epoch(tmp_path: Path) -> None:
-    root = tmp_path / "d"
-    blocks(root / "c" / "a.png", size=48)
-    samples = [(str(root / "c" / "a.png"), 0)] * 16
-    index = index_of(samples, root)
-    el = D.DaliEvalLoader(samples, linear_train(16), 16, index, options=CPU)
-    a = next(iter(el))[0]
-    b = next(iter(el))[0]
-    el.set_epoch(1)
-    c = next(iter(el))[0]
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape == (16, 3, 16, 16) and len({float(v.sum()) for v in a}) > 8
-
-
-def test_eval_refuses_unusable_files(tmp_path: Path) -> None:
-    samples = _odd_folder(tmp_path / "d")
-    index = index_of(samples, tmp_path / "d")
-    with pytest.raises(DecodeError, match="unusable"):
-        D.DaliEvalLoader(samples, reid(16, 8), 4, index, options=CPU)
-    good = [i for i, u in enumerate(index.usable()) if u]
-    el = D.DaliEvalLoader(samples, reid(16, 8), 4, index, order=good, options=CPU)
-    assert sum(len(idx) for _, _, idx in el) == len(good)
-
-
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -527,29 +475,15 @@ def test_gpu_views_match_cpu_views(tmp_path: Path, recipe: str) -> None:
     index = index_of(samples, tmp_path)
     specs = view_pair(recipe, 32, 0.2)
     cpu = next(iter(D.DaliPretrainLoader(samples, specs, 16, index, options=CPU).epoch(0)))
-    opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
+    opts = R.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
     dl = D.DaliPretrainLoader(samples, specs, 16, index, options=opts)
     g = next(iter(dl.epoch(0)))
     for a, b in zip(cpu, g, strict=True):
         assert b.is_cuda and b.dtype == torch.float32
         assert (a - b.cpu()).abs().mean() < 0.03  # nvJPEG and GPU kernels round differently
-    half = D.DaliOptions(threads=2, gpu=True, half=True, device_id=torch.cuda.current_device())
+    half = R.DaliOptions(threads=2, gpu=True, half=True, device_id=torch.cuda.current_device())
     h = next(iter(D.DaliPretrainLoader(samples, specs, 16, index, options=half).epoch(0)))
     assert h[0].dtype == torch.float16 and (h[0].float() - g[0]).abs().max() < 0.02
-
-
-@gpu
-def test_gpu_eval_matches_cpu(tmp_path: Path) -> None:
-    root = tmp_path / "d"
-    for i in range(5):
-        blocks(root / "c" / f"{i}.png", size=48, seed=i)
-    samples, _ = scan_imagefolder(root)
-    index = index_of(samples, root)
-    opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
-    a = [x for x, _, _ in D.DaliEvalLoader(samples, linear_val(32, 40), 2, index, options=CPU)]
-    b = [x for x, _, _ in D.DaliEvalLoader(samples, linear_val(32, 40), 2, index, options=opts)]
-    for x, y in zip(a, b, strict=True):
-        assert y.is_cuda and (x - y.cpu()).abs().mean() < 0.02
 
 
 @gpu
@@ -566,7 +500,7 @@ def test_gpu_nvjpeg_views_match_cpu_views_on_jpegs(tmp_path: Path) -> None:
     index = index_of(samples, tmp_path)
     specs = byol_views(64, 0.2)
     cpu = next(iter(D.DaliPretrainLoader(samples, specs, 8, index, options=CPU).epoch(0)))
-    opts = D.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
+    opts = R.DaliOptions(threads=2, gpu=True, device_id=torch.cuda.current_device())
     g = next(iter(D.DaliPretrainLoader(samples, specs, 8, index, options=opts).epoch(0)))
     for a, b in zip(cpu, g, strict=True):
         assert b.is_cuda and b.shape == a.shape
@@ -576,10 +510,10 @@ def test_gpu_nvjpeg_views_match_cpu_views_on_jpegs(tmp_path: Path) -> None:
 def test_gpu_probe_reports_why_dali_cannot_decode_without_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: see test_gpu_probe_passes_on_a_working_gpu")
-    problem = D.dali_gpu_problem(0)
+    problem = R.dali_gpu_problem(0)
     assert problem and "\n" not in problem
 
 
 @gpu
 def test_gpu_probe_passes_on_a_working_gpu() -> None:
-    assert D.dali_gpu_problem(torch.cuda.current_device()) is None
+    assert R.dali_gpu_problem(torch.cuda.current_device()) is None

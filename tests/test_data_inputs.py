@@ -22,15 +22,10 @@ from PIL import Image
 from sslctl import UserError, api
 from sslctl.data import index as ix
 from sslctl.data import readers
-from sslctl.data.readers import (
-    DecodeError,
-    Skipped,
-    load_rgb,
-    quote,
-    read_list_file,
-    scan_imagefolder,
-)
+from sslctl.data.listfile import MAX_LABEL, read_list_file
+from sslctl.data.readers import DecodeError, Skipped, load_rgb, scan_imagefolder
 from sslctl.data.select import data_folder, prepare_index
+from sslctl.data.text import quote
 from sslctl.data.tv import EvalDataset, PretrainDataset, TwoViewTransform, preflight
 from sslctl.data.views import ViewSpec, reid
 from sslctl.dist import DistInfo
@@ -71,6 +66,14 @@ def _one_line(msg: str, limit: int = 300) -> str:
     return " ".join(msg.split())
 
 
+def _list_refused(lst: Path, text: str, root: Path) -> str:
+    """``lst``, written with ``text``, is refused by read_list_file: the error's one line."""
+    lst.write_text(text)
+    with pytest.raises(UserError) as e:
+        read_list_file(lst, root)
+    return _one_line(str(e.value))
+
+
 def _error_line(res: subprocess.CompletedProcess) -> str:
     """The CLI's user error: exit 2, one line on stderr (Rich may fold it at the terminal
     width, so the folds are joined first), no traceback."""
@@ -107,11 +110,7 @@ def test_list_entry_outside_the_root_is_refused(tmp_path: Path, entry: str) -> N
     root = tmp_path / "data"
     _img(root / "a.png")
     _img(tmp_path / "outside.png")
-    lst = tmp_path / "list.txt"
-    lst.write_text(f"a.png 0\n# comment\n{entry} 1\n{entry} 2\n")
-    with pytest.raises(UserError) as e:
-        read_list_file(lst, root)
-    msg = _one_line(str(e.value))
+    msg = _list_refused(tmp_path / "list.txt", f"a.png 0\n# comment\n{entry} 1\n{entry} 2\n", root)
     assert f"line 3: {entry} is outside the data root (2 such entries)" in msg
     assert "outside the data root" in msg and "data.allow_outside_root=true" in msg
 
@@ -124,10 +123,7 @@ def test_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
     os.symlink(outside, root / "linked")  # a folder on the way is
     os.symlink("a.png", root / "c" / "inside.png")  # a link within the root is fine
     lst = tmp_path / "list.txt"
-    lst.write_text("c/a.png 0\nc/inside.png 0\nc/link.png 1\n")
-    with pytest.raises(UserError) as e:
-        read_list_file(lst, root)
-    msg = _one_line(str(e.value))
+    msg = _list_refused(lst, "c/a.png 0\nc/inside.png 0\nc/link.png 1\n", root)
     assert "line 3: c/link.png is outside the data root through a symlink (1 such entry)" in msg
     lst.write_text("c/a.png 0\nlinked/secret.png 1\n")
     with pytest.raises(UserError, match=r"line 2: linked/secret\.png is outside .* through a sym"):
@@ -152,6 +148,7 @@ def test_allow_outside_root_takes_absolute_paths_on_purpose(tmp_path: Path) -> N
     assert skipped.special == 1  # /dev/zero: a device, still never opened
 
 
+@pytest.mark.slow
 def test_cli_refuses_outside_entries_unless_allowed(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _img(root / "a.png")
@@ -169,21 +166,18 @@ def test_cli_refuses_outside_entries_unless_allowed(tmp_path: Path) -> None:
 @pytest.mark.parametrize("label", ["1000000000000", "1000000", "-2", "-1000000000000"])
 def test_absurd_label_is_refused_with_its_line(tmp_path: Path, label: str) -> None:
     _img(tmp_path / "a.png")
-    lst = tmp_path / "list.txt"
-    lst.write_text(f"a.png 3\n\na.png {label}\n")
-    with pytest.raises(UserError) as e:
-        read_list_file(lst, tmp_path)
-    msg = _one_line(str(e.value))
+    msg = _list_refused(tmp_path / "list.txt", f"a.png 3\n\na.png {label}\n", tmp_path)
     assert f"line 3: label {label} is not a class index (-1..999,999; -1 = no label)" in msg
 
 
 def test_labels_at_the_documented_bounds_are_read(tmp_path: Path) -> None:
     _img(tmp_path / "a.png")
     lst = tmp_path / "list.txt"
-    lst.write_text(f"a.png {readers.MAX_LABEL - 1}\na.png -1\na.png\n")
+    lst.write_text(f"a.png {MAX_LABEL - 1}\na.png -1\na.png\n")
     assert [y for _, y in read_list_file(lst, tmp_path)] == [999_999, -1, 0]
 
 
+@pytest.mark.slow
 def test_a_50_mb_line_prints_one_short_warning(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _img(root / "a.png")
@@ -239,6 +233,7 @@ def _huge_png(path: Path, side: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_real_12000_square_png_is_not_a_raw_pil_warning(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _img(root / "a.png")
@@ -297,6 +292,7 @@ def test_lowered_limit_on_small_images(tmp_path: Path, capsys: pytest.CaptureFix
     assert "over the limit of 1,000" in bad[0][1]
 
 
+@pytest.mark.slow
 def test_cli_max_image_pixels(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _img(root / "c" / "s.png", (20, 16))
@@ -357,6 +353,7 @@ def test_multi_frame_files_use_frame_zero_as_rgb(
         assert c.reason.startswith("3 frames: the torchvision backend uses the first")
 
 
+@pytest.mark.slow
 def test_cli_counts_multi_frame_files(tmp_path: Path) -> None:
     root = tmp_path / "data" / "c"
     root.mkdir(parents=True)
@@ -373,6 +370,7 @@ def test_cli_counts_multi_frame_files(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the cache
 
 
+@pytest.mark.slow
 def test_cache_under_a_file_is_one_line(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _img(root / "a.png")
@@ -384,6 +382,7 @@ def test_cache_under_a_file_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.slow
 def test_read_only_cache_is_one_line(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _img(root / "a.png")
@@ -437,6 +436,7 @@ def test_bundled_set_in_an_unwritable_cache(
 # ----------------------------------------------------------------------------- files vs folders
 
 
+@pytest.mark.slow
 def test_a_file_where_the_data_folder_belongs(tmp_path: Path) -> None:
     lst = tmp_path / "train.txt"
     lst.write_text("a.png 0\n")

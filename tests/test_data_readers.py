@@ -13,18 +13,11 @@ from torch.utils.data import DistributedSampler
 
 from sslctl import UserError
 from sslctl.data import views
-from sslctl.data.readers import DecodeError, load_rgb, read_list_file, scan_imagefolder
-from sslctl.data.tv import (
-    EvalDataset,
-    PretrainDataset,
-    PretrainLoader,
-    TwoViewTransform,
-    preflight,
-    sample_rng,
-)
-
-MEAN = torch.tensor(views.IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(views.IMAGENET_STD).view(3, 1, 1)
+from sslctl.data.draws import sample_rng
+from sslctl.data.listfile import read_list_file
+from sslctl.data.readers import DecodeError, load_rgb, scan_imagefolder
+from sslctl.data.tv import EvalDataset, PretrainDataset, PretrainLoader, TwoViewTransform, preflight
+from tests.image_helpers import unnormalize
 
 
 def _img(
@@ -203,7 +196,7 @@ def _plain_views(size: int = 8) -> tuple[views.ViewSpec, views.ViewSpec]:
 
 
 def _index_of(view: torch.Tensor) -> int:
-    red = float(((view * STD + MEAN) * 255)[0].mean())
+    red = float((unnormalize(view) * 255)[0].mean())
     return round(red / 5)
 
 

@@ -3,9 +3,11 @@ UserError (a single line), never another exception."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from sslctl import UserError, checkpoint, config  # noqa: E402
-from sslctl.data.readers import read_list_file  # noqa: E402
+from sslctl.data.listfile import read_list_file  # noqa: E402
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -79,21 +81,30 @@ def _expect_user_error_or_ok(fn) -> None:
         _one_line(e)
 
 
+@contextlib.contextmanager
+def _written(name: str, data: str | bytes) -> Iterator[Path]:
+    """``data`` in a new temporary file ``name`` (hypothesis runs a test's body many times, so a
+    function-scoped tmp_path would be shared by its examples)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name
+        if isinstance(data, str):
+            p.write_text(data)
+        else:
+            p.write_bytes(data)
+        yield p
+
+
 @FUZZ
 @given(profiles)
 def test_fuzzed_profile_mappings(raw):
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "p.yaml"
-        p.write_text(yaml.safe_dump(raw))
+    with _written("p.yaml", yaml.safe_dump(raw)) as p:
         _expect_user_error_or_ok(lambda: config.load(str(p)))
 
 
 @FUZZ
 @given(st.text(max_size=200))
 def test_fuzzed_profile_text(text):
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "p.yaml"
-        p.write_text(text)
+    with _written("p.yaml", text) as p:
         _expect_user_error_or_ok(lambda: config.load(str(p)))
 
 
@@ -108,12 +119,9 @@ def test_fuzzed_set_overrides(sets):
 @FUZZ
 @given(st.binary(max_size=300))
 def test_fuzzed_list_files(blob):
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        (root / "a.png").write_bytes(b"")
-        lst = root / "list.txt"
-        lst.write_bytes(blob)
-        _expect_user_error_or_ok(lambda: read_list_file(lst, root))
+    with _written("list.txt", blob) as lst:
+        (lst.parent / "a.png").write_bytes(b"")
+        _expect_user_error_or_ok(lambda: read_list_file(lst, lst.parent))
 
 
 header_values = st.one_of(
@@ -137,9 +145,7 @@ header_values = st.one_of(
 def test_fuzzed_safetensors_headers(header, payload, size_skew):
     raw = json.dumps(header).encode()
     blob = struct.pack("<Q", max(len(raw) + size_skew, 0)) + raw + payload
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "w.safetensors"
-        p.write_bytes(blob)
+    with _written("w.safetensors", blob) as p:
         _expect_user_error_or_ok(lambda: checkpoint.load_safetensors(p))
         _expect_user_error_or_ok(lambda: checkpoint.read_metadata(p))
 
@@ -147,7 +153,5 @@ def test_fuzzed_safetensors_headers(header, payload, size_skew):
 @FUZZ
 @given(st.binary(max_size=200))
 def test_fuzzed_safetensors_bytes(blob):
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "w.safetensors"
-        p.write_bytes(blob)
+    with _written("w.safetensors", blob) as p:
         _expect_user_error_or_ok(lambda: checkpoint.load_safetensors(p))

@@ -20,7 +20,8 @@ TIMEOUT = 60  # seconds; a healthy scan of these trees takes well under one (plu
 
 SCAN = """
 import json, sys
-from sslctl.data.readers import Skipped, read_list_file, scan_imagefolder
+from sslctl.data.listfile import read_list_file
+from sslctl.data.readers import Skipped, scan_imagefolder
 sk = Skipped()
 if len(sys.argv) > 2:
     samples, classes = read_list_file(sys.argv[2], sys.argv[1], sk), None
@@ -148,6 +149,7 @@ def test_decoders_refuse_a_fifo(tmp_path: Path) -> None:
     assert f"cannot decode image {fifo}: not a regular file" in res.stdout
 
 
+@pytest.mark.slow
 def test_cli_data_check_reports_skips_and_does_not_hang(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _looped_tree(root)

@@ -20,9 +20,11 @@ from PIL import Image
 
 from sslctl import UserError, config
 from sslctl.data import dali as D
+from sslctl.data import dali_graph as G
 from sslctl.data import tv
+from sslctl.data.draws import ViewParams, draw_params, sample_rng
 from sslctl.data.select import build_pretrain_loader
-from sslctl.data.tv import PretrainLoader, ViewParams, draw_params, sample_rng
+from sslctl.data.tv import PretrainLoader
 from sslctl.data.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,6 +45,13 @@ CPU_RANK = DistInfo(0, 1, 0, torch.device("cpu"))
 
 # Written out from the papers, not from sslctl: every ViewSpec field but size, mean and std.
 GEOMETRY = {"ratio": (3 / 4, 4 / 3), "flip_p": 0.5, "blur_sigma": (0.1, 2.0)}
+
+
+def jitter(brightness: float, contrast: float, saturation: float, hue: float) -> dict:
+    """The four ColorJitter strengths, in torchvision's order."""
+    return {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+
+
 # SimCLR (Chen et al. 2020, appendix A): crop 0.08-1 (bicubic, as its TF code), flip, colour
 # jitter of strength 1 (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale p 0.2, blur p 0.5; symmetric.
 SIMCLR = {
@@ -50,10 +59,7 @@ SIMCLR = {
     "scale": (0.08, 1.0),
     "interpolation": "bicubic",
     "jitter_p": 0.8,
-    "brightness": 0.8,
-    "contrast": 0.8,
-    "saturation": 0.8,
-    "hue": 0.2,
+    **jitter(0.8, 0.8, 0.8, 0.2),
     "gray_p": 0.2,
     "blur_p": 0.5,
     "solarize_p": 0.0,
@@ -65,14 +71,11 @@ MOCOV2 = {
     **SIMCLR,
     "scale": (0.2, 1.0),
     "interpolation": "bilinear",
-    "brightness": 0.4,
-    "contrast": 0.4,
-    "saturation": 0.4,
-    "hue": 0.1,
+    **jitter(0.4, 0.4, 0.4, 0.1),
 }
 # BYOL (Grill et al. 2020, table 6): jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2; view 1
 # always blurred, never solarised; view 2 blurred with p 0.1, solarised with p 0.2.
-BYOL_COMMON = {**SIMCLR, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+BYOL_COMMON = {**SIMCLR, **jitter(0.4, 0.4, 0.2, 0.1)}
 PAPERS = {
     "byol": (
         {**BYOL_COMMON, "blur_p": 1.0, "solarize_p": 0.0},
@@ -378,21 +381,21 @@ def test_dali_keeps_byols_hue_and_feeds_simclrs_in_pil_steps() -> None:
     """DALI's fn.hsv (degrees, YIQ) for BYOL's and MoCo v2's ±0.1 turn, unchanged; PIL hue
     steps, exactly torchvision's ``uint8(int32(hue * 255))``, for SimCLR's ±0.2."""
     hue = 6  # index of "hue" in _view_arrays' output
-    assert D._VIEW_FIELDS[hue] == "hue"
+    assert G.VIEW_FIELDS[hue] == "hue"
     for h in (-0.2, -0.1, -0.0039, 0.0, 0.003, 0.05, 0.1999, 0.2):
-        assert D._pil_hue_steps(h) == int(np.int32(h * 255).astype(np.uint8))
+        assert G.pil_hue_steps(h) == int(np.int32(h * 255).astype(np.uint8))
     params = [
         ViewParams((0, 0, 8, 8), False, ((0, 1, 2, 3), 1.1, 0.9, 1.2, h), g, None, False)
         for h, g in ((0.05, False), (-0.1, True))
     ]
     for spec in (*byol_views(), *mocov2_views()):
-        assert not D._uses_pil_hue(spec)
-        arrays = D._view_arrays(params, spec)
+        assert not G.uses_pil_hue(spec)
+        arrays = G.view_arrays(params, spec)
         assert arrays[hue].tolist() == pytest.approx([18.0, -36.0])
         assert arrays[5].tolist() == pytest.approx([1.2, 0.0])  # gray = zero saturation
     spec = simclr_views()[0]
-    assert D._uses_pil_hue(spec)
-    arrays = D._view_arrays(params, spec)
+    assert G.uses_pil_hue(spec)
+    arrays = G.view_arrays(params, spec)
     assert arrays[hue].tolist() == [12.0, 231.0]
     assert arrays[5].tolist() == pytest.approx([1.2, 1.2])  # grayed after the hue shift
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from sslctl import UserError
-from sslctl.data.readers import quote
+from sslctl.data.text import quote
 from sslctl.files import cache_dir, unwritable_cache
 
 VERSION = "digits-v2"
@@ -41,6 +41,17 @@ DESCRIPTION = (
     f"train: {TRAIN_RENDERINGS} renderings of each of 1,437 digits; val: one rendering of each "
     f"of the other 360 (stratified split). ImageFolder layout train/<digit>/, val/<digit>/."
 )
+
+
+SENTINEL = "bundled"  # what --data, data.root and eval.knn_train/knn_val say for this set
+
+
+def resolve(root: str | os.PathLike[str], split: str = "") -> Path:
+    """``root`` as a folder: the ``"bundled"`` sentinel → the demo set's ``split`` folder (its
+    root when ``split`` is empty; built on first use), anything else → that path as given."""
+    if str(root) == SENTINEL:
+        return bundled_root() / split
+    return Path(root)
 
 
 def bundled_root() -> Path:

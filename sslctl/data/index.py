@@ -248,16 +248,7 @@ class _Records:
         return cls(z(np.int64), z(np.int64), z(np.int8), z(np.int32), z(np.int32), {})
 
     def freeze(self, root: str, rel: Sequence[str]) -> ImageIndex:
-        return ImageIndex(
-            root,
-            tuple(rel),
-            self.size,
-            self.mtime_ns,
-            self.kind,
-            self.width,
-            self.height,
-            self.reasons,
-        )
+        return ImageIndex(root, tuple(rel), **vars(self))  # the same arrays, not copies
 
 
 def _stat_all(paths: Sequence[str], rec: _Records, threads: int) -> None:

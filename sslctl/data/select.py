@@ -5,10 +5,10 @@
 - ``dali``: sslctl.data.dali — nvJPEG decoding and augmentation on the GPU when the run uses
   CUDA, DALI's CPU operators otherwise. Needs the ``dali`` extra.
 - ``auto`` (default): DALI on the GPU when DALI is installed and the run uses CUDA; otherwise
-  ``CPU_AUTO``.
+  torchvision.
 
-Why ``CPU_AUTO`` is torchvision (benchmarks/bench_data.py: two 224-px views of 384 JPEGs of
-~500×375, batch 32, five runs on our 2-core x86_64 sandbox shared with other jobs): per
+Why ``auto`` keeps torchvision on the CPU (benchmarks/bench_data.py: two 224-px views of 384
+JPEGs of ~500×375, batch 32, five runs on our 2-core x86_64 sandbox shared with other jobs): per
 CPU-second the two CPU paths render about the same number of images — torchvision 49–80
 (median 70), DALI CPU 48–76 (median 65), with 1 or 2 workers/threads; the spread is the
 machine's load — so DALI is not faster per core. torchvision then wins on the rest: its views
@@ -26,21 +26,15 @@ from typing import TYPE_CHECKING
 
 from sslctl import UserError, dist, log
 from sslctl.config import Config
-from sslctl.data.readers import (
-    MAX_IMAGE_PIXELS,
-    Sample,
-    quote,
-    read_list_file,
-    require_dir,
-    scan_imagefolder,
-)
+from sslctl.data.listfile import read_list_file
+from sslctl.data.readers import MAX_IMAGE_PIXELS, Sample, require_dir, scan_imagefolder
+from sslctl.data.text import quote
 from sslctl.data.views import ViewSpec, view_pair
 from sslctl.dist import DistInfo
 
 if TYPE_CHECKING:
     from sslctl.data.index import ImageIndex
-
-CPU_AUTO = "torchvision"
+    from sslctl.data.loader import TwoViewLoader
 
 # Where pre-training takes a list file, for the error on a file given as --data.
 LIST_FILE_HINT = "for a list file use --set data.list_file=PATH, with --data its root folder"
@@ -82,7 +76,7 @@ def resolve_backend(
     ``auto`` on CUDA picks DALI when it is installed and ``probe`` (why DALI cannot run on this
     GPU, or None) finds nothing wrong; otherwise it says once why it keeps torchvision.
     """
-    from sslctl.data.dali import dali_available, require_dali
+    from sslctl.data.dali_graph import dali_available, require_dali
 
     if requested == "torchvision":
         return "torchvision"
@@ -91,8 +85,9 @@ def resolve_backend(
         return "dali"
     if requested != "auto":
         raise UserError(f"data.backend {requested!r}: choose auto, torchvision or dali")
-    have = dali_available() if have_dali is None else have_dali
-    if cuda and have:
+    if not cuda:
+        return "torchvision"
+    if dali_available() if have_dali is None else have_dali:
         problem = probe() if probe is not None else None
         if problem is None:
             return "dali"
@@ -102,16 +97,15 @@ def resolve_backend(
             "build for this CUDA (`pip install 'sslctl[dali-cuda12]'` for a CUDA 12 driver)"
         )
         return "torchvision"
-    if cuda:
-        log.warn(
-            "data.backend auto: DALI is not installed, so images are decoded on the CPU by the "
-            "torchvision loader (slower end to end than DALI on a GPU, BENCHMARKS.md); "
-            "`pip install 'sslctl[dali]'` decodes them on the GPU"
-        )
-    return "dali" if CPU_AUTO == "dali" and have else "torchvision"
+    log.warn(
+        "data.backend auto: DALI is not installed, so images are decoded on the CPU by the "
+        "torchvision loader (slower end to end than DALI on a GPU, BENCHMARKS.md); "
+        "`pip install 'sslctl[dali]'` decodes them on the GPU"
+    )
+    return "torchvision"
 
 
-def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
+def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> TwoViewLoader:
     """The pre-training loader of the configured backend for this rank."""
     samples = read_samples(cfg, root)
     if not samples:
@@ -122,7 +116,7 @@ def build_pretrain_loader(cfg: Config, root: Path, di: DistInfo) -> object:
     cuda = di.device.type == "cuda"
 
     def probe() -> str | None:
-        from sslctl.data.dali import dali_gpu_problem
+        from sslctl.data.dali_runner import dali_gpu_problem
 
         return dali_gpu_problem(di.device.index or 0)
 
@@ -188,8 +182,9 @@ def prepare_index(
 
 def _dali_loader(
     cfg: Config, root: Path, di: DistInfo, samples: list[Sample], specs: tuple[ViewSpec, ViewSpec]
-) -> object:
-    from sslctl.data.dali import DaliOptions, DaliPretrainLoader
+) -> TwoViewLoader:
+    from sslctl.data.dali import DaliPretrainLoader
+    from sslctl.data.dali_runner import DaliOptions
 
     cuda = di.device.type == "cuda"
     index = prepare_index(

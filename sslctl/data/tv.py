@@ -5,16 +5,15 @@ operations touch only size×size pixels; Gaussian blur is PIL's ``GaussianBlur(r
 reference's, about 7× faster than torchvision's 23-tap tensor blur); the conversion to a
 normalised float tensor is one fused multiply-add. benchmarks/bench_augment.py measures it.
 
-Reproducibility: each sample's views are drawn from a ``random.Random`` seeded by
-(seed, epoch, index), never from a global RNG, so a run resumed mid-epoch sees the same views
-and worker count or scheduling cannot change them.
+Reproducibility: each sample's views are drawn (``sslctl.data.draws``) from a
+``random.Random`` seeded by (seed, epoch, index), never from a global RNG, so a run resumed
+mid-epoch sees the same views and worker count or scheduling cannot change them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import multiprocessing
 import os
 import random
@@ -22,7 +21,6 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from typing import Any
 
@@ -37,14 +35,10 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torchvision import transforms as T
 
 from sslctl import STOP_SIGNALS, UserError
-from sslctl.data.readers import (
-    MAX_IMAGE_PIXELS,
-    DecodeError,
-    Sample,
-    load_rgb,
-    pixel_problem,
-    quote,
-)
+from sslctl.data.draws import Jitter, ViewParams, draw_params, sample_rng
+from sslctl.data.loader import steps_per_epoch
+from sslctl.data.readers import MAX_IMAGE_PIXELS, DecodeError, Sample, load_rgb, pixel_problem
+from sslctl.data.text import quote
 from sslctl.data.views import EvalSpec, ViewSpec
 from sslctl.log import console
 
@@ -140,76 +134,6 @@ class WorkerLoader(DataLoader):
             return super().__iter__()
 
 
-# ColorJitter draws: the order of (brightness, contrast, saturation, hue), then the four factors
-Jitter = tuple[tuple[int, ...], float, float, float, float]
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """The random draws for one view; ``None``/``False`` means the step is skipped."""
-
-    box: tuple[int, int, int, int]  # crop (left, top, right, bottom) in source pixels
-    flip: bool
-    jitter: Jitter | None
-    gray: bool
-    blur_sigma: float | None
-    solarize: bool
-
-
-def crop_box(
-    width: int, height: int, spec: ViewSpec, rng: random.Random
-) -> tuple[int, int, int, int]:
-    """A random resized crop: torchvision's RandomResizedCrop.get_params, drawn from ``rng``.
-
-    Up to 10 tries of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); if none
-    fits, the largest centred crop whose aspect ratio lies within ``ratio``.
-    """
-    area = width * height
-    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(*spec.scale)
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = rng.randint(0, height - h)
-            left = rng.randint(0, width - w)
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    w, h = width, height
-    if in_ratio < spec.ratio[0]:
-        h = round(width / spec.ratio[0])
-    elif in_ratio > spec.ratio[1]:
-        w = round(height * spec.ratio[1])
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def _factor(rng: random.Random, amount: float) -> float:
-    return rng.uniform(max(0.0, 1.0 - amount), 1.0 + amount)
-
-
-def draw_params(width: int, height: int, spec: ViewSpec, rng: random.Random) -> ViewParams:
-    """All random choices for one view of a width×height image, in a fixed draw order."""
-    box = crop_box(width, height, spec, rng)
-    flip = rng.random() < spec.flip_p
-    jitter = None
-    if rng.random() < spec.jitter_p:
-        order = list(range(4))
-        rng.shuffle(order)  # torchvision's ColorJitter applies its adjustments in random order
-        jitter = (
-            tuple(order),
-            _factor(rng, spec.brightness),
-            _factor(rng, spec.contrast),
-            _factor(rng, spec.saturation),
-            rng.uniform(-spec.hue, spec.hue),
-        )
-    gray = rng.random() < spec.gray_p
-    blur = rng.uniform(*spec.blur_sigma) if rng.random() < spec.blur_p else None
-    solarize = rng.random() < spec.solarize_p
-    return ViewParams(box, flip, jitter, gray, blur, solarize)
-
-
 def _jitter(img: Image.Image, jitter: Jitter) -> Image.Image:
     order, b, c, s, h = jitter
     for op in order:
@@ -278,12 +202,6 @@ class TwoViewTransform:
             view = render_view(img, spec, params)
             views.append(uint8_chw(view) if self.uint8 else norm(view))
         return views[0], views[1]
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The RNG of one sample's views; a string seed is hashed with SHA-512 by ``random``,
-    which is stable across processes and Python versions (unlike ``hash()``)."""
-    return random.Random(f"sslctl/{seed}/{epoch}/{index}")
 
 
 class PretrainDataset(Dataset):
@@ -436,9 +354,8 @@ class PretrainLoader:
         """``normalize_on``: workers ship uint8 views (4× less memory and host→device traffic)
         and each batch is moved there and normalised (a CUDA device in training).
         ``max_image_pixels``: larger images are skipped, never decoded (data.max_image_pixels)."""
-        if batch_size < 1 or world < 1 or not 0 <= rank < world:
-            raise ValueError(f"bad loader geometry: batch {batch_size}, rank {rank}, world {world}")
         self.samples = list(samples)
+        self.steps_per_epoch = steps_per_epoch(len(self.samples), batch_size, rank, world)
         self.batch_size = batch_size
         self.normalize_on = normalize_on
         transform = TwoViewTransform(*spec_pair, uint8=normalize_on is not None)
@@ -446,13 +363,6 @@ class PretrainLoader:
         self.sampler: DistributedSampler[int] = DistributedSampler(
             self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
-        self.steps_per_epoch = self.sampler.num_samples // batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"{len(self.samples)} images over {world} rank(s) give {self.sampler.num_samples} "
-                f"per rank, fewer than one batch of {batch_size}: use more images, a smaller "
-                f"train.batch_size or fewer GPUs"
-            )
         self.substituted = 0  # unreadable images replaced so far, seen by this rank
         self._keys = _KeyList()
         self._loader = WorkerLoader(
