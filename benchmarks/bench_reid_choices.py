@@ -37,9 +37,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sslctl.backbones import build_backbone
-from sslctl.eval import reid_metrics as rmx
 from sslctl.eval.features import _fuse, extract_features, true_fp32
-from sslctl.eval.reid_layouts import ReidImages
+from sslctl.eval.reid import metrics as rmx
+from sslctl.eval.reid.layouts import ReidImages
 
 FUSIONS = ("legacy-triplet", "sum")
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from sslctl.backbones import build_backbone
 from sslctl.eval.features import extract_features
-from sslctl.eval.reid_layouts import ReidImages
+from sslctl.eval.reid.layouts import ReidImages
 
 
 def _crops(root: Path, n: int) -> list[Path]:

@@ -52,7 +52,7 @@ def _make(n_q: int, n_g: int, dim: int, positives: int, seed: int = 0):
     import torch
     import torch.nn.functional as F
 
-    from sslctl.eval.reid_metrics import LabeledFeatures
+    from sslctl.eval.reid.metrics import LabeledFeatures
 
     g = torch.Generator().manual_seed(seed)
     gf = torch.empty(n_g, dim)
@@ -82,7 +82,7 @@ def _naive(query, gallery) -> float:
 def child(n_q: int, n_g: int, dim: int, budget: int, positives: int, naive: bool) -> None:
     import torch
 
-    from sslctl.eval import reid_metrics as rm
+    from sslctl.eval.reid import metrics as rm
 
     query, gallery = _make(n_q, n_g, dim, positives)
     # Warm-up on a slice: loads the GEMM/sort kernels' code pages before the peak is reset.

@@ -16,7 +16,7 @@ from sslctl import UserError, dist
 from sslctl.backbones import load_backbone
 from sslctl.convert.weights import read_backbone
 from sslctl.eval.features import extract_features_and_labels
-from sslctl.eval.reid_layouts import ReidImages
+from sslctl.eval.reid.layouts import ReidImages
 
 
 def main() -> None:

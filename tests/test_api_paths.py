@@ -8,9 +8,10 @@ import inspect
 import os
 from pathlib import Path
 
+import pytest
+
 from sslctl import api
 from sslctl.api.checkpoints import list_run
-from tests.fault_helpers import make_images, write_profile
 
 
 class Where(os.PathLike):
@@ -31,9 +32,12 @@ def test_every_api_function_has_a_docstring():
     assert list_run.__doc__
 
 
-def test_pretrain_extract_knn_checkpoints_and_data_check_take_str_and_pathlike(tmp_path):
-    data = make_images(tmp_path / "data", n=24)
-    prof = write_profile(tmp_path / "p.yaml")
+@pytest.mark.slow
+def test_pretrain_extract_knn_checkpoints_and_data_check_take_str_and_pathlike(
+    tmp_path, shared_images, image_folder, tiny_profile
+):
+    data = shared_images(n=24)
+    prof = tiny_profile()
     run = tmp_path / "run"
     res = api.pretrain(str(prof), str(run), str(data), max_steps=1)
     assert res.fit.step == 1 and (run / "checkpoints").is_dir()
@@ -45,7 +49,7 @@ def test_pretrain_extract_knn_checkpoints_and_data_check_take_str_and_pathlike(t
 
     labelled = tmp_path / "labelled"
     for split in ("train", "val"):
-        make_images(labelled / split, n=12, size=16)
+        image_folder(f"labelled/{split}", n=12, size=16)
     out = tmp_path / "knn"
     opts = api.KnnEvalOptions(weights=str(bb), data=Where(labelled), out=str(out), k=3)  # type: ignore[arg-type]
     assert isinstance(opts.weights, Path) and isinstance(opts.out, Path)

@@ -15,15 +15,14 @@ import torch
 from typer.testing import CliRunner
 
 from sslctl import UserError, checkpoint, config
-from sslctl.api.linear_eval import Backbone, match_training
 from sslctl.backbones import build_backbone
 from sslctl.cli.app import app
 from sslctl.convert.weights import read_backbone
 from sslctl.eval import features
-from tests.linear_helpers import make_dataset, make_run, make_weights, one_torch_thread, tiny_sets
+from sslctl.eval.frozen import FrozenBackbone, match_training
+from tests.linear_helpers import make_dataset, make_run, make_weights, tiny_sets
 from tests.trust_helpers import booby_trapped
 
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 runner = CliRunner()
 
 
@@ -114,6 +113,7 @@ def test_commands_without_the_option_point_at_extract(tmp_path):
 
 
 # ----------------------------------------------------------------- 3. the size a run was trained at
+@pytest.mark.slow  # a whole evaluation in a subprocess
 def test_knn_eval_of_a_run_uses_its_training_size(base, tmp_path):
     out = tmp_path / "k"
     p = sslctl(
@@ -169,7 +169,9 @@ def test_training_size_is_taken_unless_a_size_is_chosen():
     """The pre-training size is taken under the default profile (named or not); a profile other
     than the default, or --set data.image_size / data.resize, keeps the profile's size."""
     cfg = config.load_linear("linear-r50", [])
-    bb = Backbone(torch.nn.Identity(), "convnet4", False, "d", "RUN", {"data": {"image_size": 64}})
+    bb = FrozenBackbone(
+        torch.nn.Identity(), "convnet4", False, "d", "RUN", {"data": {"image_size": 64}}
+    )
     for profile in (None, "linear-r50"):
         m = match_training(cfg, profile, None, (), bb)
         assert (m.cfg.data.image_size, m.cfg.data.resize) == (64, 73)
@@ -188,6 +190,7 @@ def test_loader_workers_are_capped_at_the_cpus(monkeypatch):
 
 
 # ----------------------------------------------------------------- 4. continuing a linear-eval --out
+@pytest.mark.slow  # a whole evaluation in a subprocess
 def test_linear_eval_continues_to_more_epochs_and_names_changed_settings(base, tmp_path):
     out = tmp_path / "lin"
     args = ["linear-eval", str(base["convnet4"]), "--data", str(base["data"]), "--out", str(out)]
@@ -225,6 +228,7 @@ def _save(ckdir: Path, step: int, seed: int = 1) -> checkpoint.CkptPaths:
     return checkpoint.save(ckdir, step, t, {"method": "triplet"}, {"step": step})
 
 
+@pytest.mark.slow
 def test_extract_says_why_no_checkpoint_of_a_run_verifies(tmp_path):
     run = tmp_path / "run"
     ck = _save(run / "checkpoints", 10)

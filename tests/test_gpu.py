@@ -157,7 +157,7 @@ def test_gpu_reid_ranks_equal_cpu_ranks() -> None:
     """Same features, same ranks on both devices, ties included. The features are small
     multiples of 1/8 so every score is exact in fp32 on any device: with continuous random
     features, summation order alone flips near-ties (the first GPU run found a few)."""
-    from sslctl.eval.reid_metrics import LabeledFeatures, positive_ranks, summarize
+    from sslctl.eval.reid.metrics import LabeledFeatures, positive_ranks, summarize
 
     g = torch.Generator().manual_seed(0)
     n_g, n_q, d = 3000, 200, 64

@@ -9,9 +9,7 @@ import torch
 
 from sslctl.backbones import build_backbone
 from sslctl.eval.knn import knn_accuracy, knn_monitor, knn_scores, topk_accuracy
-from tests.linear_helpers import make_dataset, one_torch_thread, separable
-
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
+from tests.linear_helpers import make_dataset, separable
 
 
 def test_votes_follow_the_formula():
@@ -27,7 +25,7 @@ def test_votes_follow_the_formula():
 def test_separable_features_give_100_percent_and_chunks_agree():
     tx, ty = separable(30, 5)
     vx, vy = separable(10, 5, seed=1)
-    acc = knn_accuracy(tx, ty, vx, vy, num_classes=5, k=20, temperature=0.07, chunk=7)
+    acc = knn_accuracy((tx, ty), (vx, vy), num_classes=5, k=20, temperature=0.07, chunk=7)
     assert acc == {"top1": 100.0, "top5": 100.0}
     whole = knn_scores(tx, ty, vx, 5, k=20, chunk=1000)
     assert torch.allclose(knn_scores(tx, ty, vx, 5, k=20, chunk=3), whole)
@@ -59,6 +57,7 @@ def test_monitor_leaves_the_trained_backbone_untouched(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_monitor_workers_start_by_forkserver_not_fork(tmp_path, monkeypatch):
     """The monitor runs inside training, where DALI's threads may run: its DataLoader workers
     must not be forked from that process. Same result as without workers."""

@@ -6,16 +6,12 @@ import pytest
 
 from sslctl import UserError, api
 from sslctl.log import read_jsonl
-from tests.fault_helpers import make_images, write_profile
 
 
-def test_pretrain_logs_knn_monitor(tmp_path):
-    data = make_images(tmp_path / "train", n=36)
-    val = make_images(tmp_path / "val", n=12)
-    prof = write_profile(
-        tmp_path / "p.yaml",
-        f"eval: {{knn_every: 1, knn_train: {data}, knn_val: {val}, knn_k: 5}}\n",
-    )
+@pytest.mark.slow
+def test_pretrain_logs_knn_monitor(tmp_path, shared_images, tiny_profile):
+    data, val = shared_images(n=36), shared_images(n=12)
+    prof = tiny_profile(f"eval: {{knn_every: 1, knn_train: {data}, knn_val: {val}, knn_k: 5}}\n")
     prof.write_text(
         prof.read_text()
         .replace("epochs: 3", "epochs: 1")
@@ -30,8 +26,7 @@ def test_pretrain_logs_knn_monitor(tmp_path):
     )
 
 
-def test_knn_monitor_needs_its_folders(tmp_path):
-    data = make_images(tmp_path / "train", n=36)
-    prof = write_profile(tmp_path / "p.yaml", "eval: {knn_every: 1}\n")
+def test_knn_monitor_needs_its_folders(tmp_path, shared_images, tiny_profile):
+    prof = tiny_profile("eval: {knn_every: 1}\n")
     with pytest.raises(UserError, match="eval.knn_train and eval.knn_val"):  # config or api check
-        api.pretrain(str(prof), tmp_path / "run", data)
+        api.pretrain(str(prof), tmp_path / "run", shared_images(n=36))

@@ -24,7 +24,9 @@ from sslctl.backbones import load_backbone
 from sslctl.cli.app import app
 from sslctl.cli.eval_reid import parse_size
 from sslctl.convert.weights import read_backbone
-from sslctl.eval import reid_features as rf
+from sslctl.eval.reid import features as rf
+from sslctl.eval.reid import pipeline
+from sslctl.eval.reid.options import EvalReidOptions
 from tests.reid_helpers import make_backbone, make_market, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +139,7 @@ def test_command_extracts_caches_and_reuses(market, first_run, monkeypatch):
     def no_extraction(*a, **k):
         raise AssertionError("features were extracted again")
 
-    monkeypatch.setattr(api_mod, "extract_features_and_labels", no_extraction)
+    monkeypatch.setattr(pipeline, "extract_features_and_labels", no_extraction)
     second = _run(
         str(weights), "--data", str(data), "--layout", "market1501", "--out", str(out),
         "--ap", "trapezoid",
@@ -265,7 +267,7 @@ def test_nproc_per_node_relaunches_and_matches_one_process(market, first_run, tm
 
 
 def test_compat_presets_yield_to_explicit_flags_and_sizes_parse():
-    resolve, opts = api_mod._resolve, api_mod.EvalReidOptions
+    resolve, opts = api_mod._resolve, EvalReidOptions
     o = resolve(opts(compat="triplet-script"))
     assert (o.ap, o.denominator, o.flip_fusion) == ("trapezoid", "all", "legacy-triplet")
     o = resolve(opts(compat="triplet-script", ap="standard"))
@@ -283,7 +285,7 @@ def test_compat_presets_yield_to_explicit_flags_and_sizes_parse():
 
 
 def test_layout_picks_the_defaults_and_flags_or_compat_override_them():
-    resolve, opts = api_mod._resolve, api_mod.EvalReidOptions
+    resolve, opts = api_mod._resolve, EvalReidOptions
 
     def choices(o):
         return (o.flip_fusion, o.precision, o.ap, o.denominator)
@@ -306,7 +308,7 @@ def test_sysu30k_defaults_are_the_reference_script_end_to_end(market, tmp_path, 
     _, weights = market
     data, out = _make_sysu(tmp_path / "sysu"), tmp_path / "out"
     base = [str(weights), "--data", str(data), "--layout", "sysu30k", "--out", str(out)]
-    seen, extract = [], api_mod.extract_features_and_labels
+    seen, extract = [], pipeline.extract_features_and_labels
 
     def spy(*args, **kwargs):  # the flags the forward runs under
         b = torch.backends
@@ -315,7 +317,7 @@ def test_sysu30k_defaults_are_the_reference_script_end_to_end(market, tmp_path, 
         )
         return extract(*args, **kwargs)
 
-    monkeypatch.setattr(api_mod, "extract_features_and_labels", spy)
+    monkeypatch.setattr(pipeline, "extract_features_and_labels", spy)
     r = _run(*base)
     assert r.exit_code == 0, r.output
     assert seen == [("fp32", "ieee", "ieee")] * 2  # query, gallery: no autocast, no TF32

@@ -21,10 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sslctl import UserError
-from sslctl.api.eval_reid import EvalReidOptions, validate
-from sslctl.eval import reid_features as rf
-from sslctl.eval import reid_layouts as rl
-from sslctl.eval import reid_plot
+from sslctl.api.eval_reid import validate
+from sslctl.eval.reid import features as rf
+from sslctl.eval.reid import layouts as rl
+from sslctl.eval.reid import plot as reid_plot
+from sslctl.eval.reid.options import EvalReidOptions
 from tests.reid_helpers import (
     make_backbone,
     make_market,
@@ -72,6 +73,14 @@ def detected_run(market, tmp_path_factory):
     r = _cli(str(weights), "--data", str(data), "--out", str(out), "--cmc-log-x", *CPU)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
+
+
+@pytest.fixture
+def copied_out(detected_run, tmp_path) -> Path:
+    """A copy of detected_run's --out folder, for a test that runs the command into it again."""
+    out = tmp_path / "out"
+    shutil.copytree(detected_run[0], out)
+    return out
 
 
 # 1. every option is checked before weights are read, features extracted or ranks computed
@@ -132,6 +141,7 @@ def test_device_cuda_without_cuda_is_refused_up_front(market, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_paths_are_refused_up_front(market, tmp_path):
     data, weights = market
     r = _cli(str(tmp_path / "missing.pt"), "--data", str(data), "--out", str(tmp_path / "o"))
@@ -203,13 +213,10 @@ def test_a_features_file_with_malformed_metadata_is_refused(tmp_path, meta, said
     _error_line(r, str(q), said)
 
 
-def test_a_features_cache_with_malformed_rows_is_stale_and_recomputed(
-    market, detected_run, tmp_path
-):
+@pytest.mark.slow  # a whole eval-reid run in a subprocess
+def test_a_features_cache_with_malformed_rows_is_stale_and_recomputed(market, copied_out):
     data, weights = market
-    first, _ = detected_run
-    out = tmp_path / "out"
-    shutil.copytree(first, out)
+    out = copied_out
     cache = out / "features" / "query.safetensors"
     with safe_open(str(cache), framework="pt") as f:
         meta = dict(f.metadata())
@@ -227,6 +234,7 @@ def test_a_features_cache_with_malformed_rows_is_stale_and_recomputed(
 # 4. layout detection
 
 
+@pytest.mark.slow  # a whole eval-reid run in a subprocess
 def test_the_layout_is_detected_and_said(detected_run):
     out, r = detected_run
     assert "layout: market1501 (detected: query/ + bounding_box_test/;" in r.stderr
@@ -250,6 +258,7 @@ def test_detect_layout_knows_sysu_and_market_trees(tmp_path):
         rl.detect_layout(both, None, None)
 
 
+@pytest.mark.slow  # a whole eval-reid run in a subprocess
 def test_a_sysu_tree_without_layout_runs_with_the_sysu_defaults(market, tmp_path):
     _, weights = market
     data = make_sysu(tmp_path / "sysu")
@@ -285,13 +294,13 @@ def test_an_unknown_or_ambiguous_tree_lists_what_it_found(market, tmp_path, tree
 # 5. provenance, and one results file per set of options
 
 
+@pytest.mark.slow  # a whole eval-reid run in a subprocess
 def test_results_record_provenance_and_runs_with_other_options_are_kept(
-    market, detected_run, tmp_path
+    market, detected_run, copied_out
 ):
     data, weights = market
-    first, r1 = detected_run
-    out = tmp_path / "out"
-    shutil.copytree(first, out)
+    _, r1 = detected_run
+    out = copied_out
     res1 = json.loads((out / "results.json").read_text())
     assert res1["weights"]["path"] == str(weights)
     assert res1["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -323,6 +332,7 @@ def test_results_record_provenance_and_runs_with_other_options_are_kept(
 # 6. the CMC plot
 
 
+@pytest.mark.slow  # a whole eval-reid run in a subprocess
 def test_cmc_plot_is_a_step_plot_with_the_headline_and_a_log_axis(detected_run, tmp_path):
     out, _ = detected_run
     res = json.loads((out / "results.json").read_text())
@@ -364,7 +374,7 @@ def test_huge_image_is_refused_before_decoding(tmp_path):
     from PIL import Image
 
     from sslctl.data.readers import DecodeError
-    from sslctl.eval.reid_layouts import ReidImages
+    from sslctl.eval.reid.layouts import ReidImages
 
     path = tmp_path / "0001_c1_huge.png"
     Image.new("1", (14000, 14000)).save(path)  # 196 M pixels, a few kB on disk

@@ -19,14 +19,14 @@ from sslctl import UserError
 from sslctl.backbones import load_backbone
 from sslctl.cli.launch import relaunch_with_torchrun, strip_nproc_flag, torchrun_command
 from sslctl.convert.weights import read_backbone
-from sslctl.eval import reid_features as rf
-from sslctl.eval import reid_layouts as rl
 from sslctl.eval.features import (
     extract_features,
     extract_features_and_labels,
     shard_range,
     true_fp32,
 )
+from sslctl.eval.reid import features as rf
+from sslctl.eval.reid import layouts as rl
 from tests.reid_helpers import make_backbone, write_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sslctl import UserError
-from sslctl.eval import reid_metrics as rm
-from sslctl.eval.reid_metrics import LabeledFeatures, positive_ranks, summarize
+from sslctl.eval.reid import metrics as rm
+from sslctl.eval.reid.metrics import LabeledFeatures, positive_ranks, summarize
 
 
 def _reference_ranks(qf, qid, qcam, gf, gid, gcam, identical, *, pessimistic, lengths=None):

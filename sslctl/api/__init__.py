@@ -6,12 +6,13 @@ functions are re-exported here so that ``from sslctl import api; api.pretrain(..
 
 from sslctl.api.convert_detectron import ConvertDetectronResult, convert_detectron
 from sslctl.api.data_check import DataCheckResult, data_check
-from sslctl.api.eval_reid import EvalReidOptions, EvalReidResult, eval_reid
+from sslctl.api.eval_reid import EvalReidResult, eval_reid
 from sslctl.api.extract import ExtractResult, extract
 from sslctl.api.knn_eval import KnnEvalOptions, KnnEvalResult, knn_eval
 from sslctl.api.linear_eval import LinearEvalOptions, LinearEvalResult, linear_eval
 from sslctl.api.pretrain import Diverged, PretrainResult, pretrain
 from sslctl.api.report import ReportResult, report
+from sslctl.eval.reid.options import EvalReidOptions
 
 __all__ = [
     "ConvertDetectronResult",

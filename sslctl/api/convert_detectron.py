@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sslctl import UserError, as_path
 from sslctl.convert import detectron as d2
+from sslctl.convert import detectron_configs as d2cfg
 from sslctl.convert.extract import as_torchvision
 from sslctl.convert.weights import read_backbone
 
@@ -40,7 +41,7 @@ def convert_detectron(
     paper's code as committed) or "moco" (detectron2's step schedule, VOC 24k);
     ``trust_pickle``: allow a .pth that needs full unpickling (runs code stored in it).
     """
-    d2.check_style(configs_style)
+    d2cfg.check_style(configs_style)
     output = Path(output)
     if output.suffix != ".pkl":
         raise UserError(
@@ -61,15 +62,15 @@ def convert_detectron(
             "7x7 with max-pool, so only backbones pre-trained with the standard stem convert"
         )
     if configs is not None:
-        d2.config_depth(bb.arch)  # refuse before writing anything
+        d2cfg.config_depth(bb.arch)  # refuse before writing anything
     model = d2.to_detectron2(bb.state, bb.arch, origin)
     d2.write_pickle(output, model)
     files: list[Path] = []
     commands: tuple[str, ...] = ()
     if configs is not None:
-        files = d2.write_configs(Path(configs), output, bb.arch, configs_style)
-        stems = d2.run_stems(configs_style)
-        commands = tuple(d2.train_command(Path(configs).resolve(), s) for s in stems)
+        files = d2cfg.write_configs(Path(configs), output, bb.arch, configs_style)
+        stems = d2cfg.run_stems(configs_style)
+        commands = tuple(d2cfg.train_command(Path(configs).resolve(), s) for s in stems)
     return ConvertDetectronResult(
         output=output,
         arch=bb.arch,

@@ -8,13 +8,8 @@ from pathlib import Path
 
 from sslctl import UserError, as_path
 from sslctl.data.index import KINDS, USABLE, build_index, index_path
-from sslctl.data.readers import (
-    MAX_IMAGE_PIXELS,
-    Skipped,
-    read_list_file,
-    require_dir,
-    scan_imagefolder,
-)
+from sslctl.data.listfile import read_list_file
+from sslctl.data.readers import MAX_IMAGE_PIXELS, Skipped, require_dir, scan_imagefolder
 
 # Where this command takes a list file, for the error on a file given as DIR.
 LIST_FILE_HINT = "for a list file: sslctl data check ROOT --list-file LIST"

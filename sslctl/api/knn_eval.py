@@ -17,26 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import sslctl
-from sslctl import UserError, config, dist, files, log, paths_as_path
-from sslctl.api.linear_eval import (
-    Backbone,
-    Matched,
-    default_profile,
-    load_weights,
-    match_training,
-    random_backbone,
-    say_unchanged,
-    split_features,
-)
-from sslctl.eval.cache import state_digest
-from sslctl.eval.knn import knn_accuracy
-from sslctl.eval.linear import to_device_if_fits
+from sslctl import UserError, config, dist, files, log
+from sslctl.eval import frozen
+from sslctl.eval.command import CallerPaths, EvalResult, run_locked
+from sslctl.eval.frozen import FrozenBackbone, Matched
+from sslctl.eval.protocols import Evaluation, knn_protocol
 from sslctl.eval.splits import Splits, resolve_splits
-from sslctl.rundir import check_writable, lock_on_main
+from sslctl.rundir import check_writable
 
 
 @dataclass(frozen=True)
-class KnnEvalOptions:
+class KnnEvalOptions(CallerPaths):
     weights: Path
     data: str | None = None
     train: Path | None = None
@@ -53,33 +44,10 @@ class KnnEvalOptions:
     device: str = "auto"
     trust_pickle: bool = False  # allow a .pth that needs full unpickling (runs code in it)
 
-    def __post_init__(self) -> None:
-        paths_as_path(self)  # str and os.PathLike paths from Python callers
-
 
 @dataclass(frozen=True)
-class KnnEvalResult:
-    results: dict[str, Any]  # the content of results.json ({} on ranks other than 0)
-    results_path: Path | None
-
-
-def _one(
-    o: KnnEvalOptions, m: Matched, splits: Splits, bb: Backbone, di: dist.DistInfo
-) -> dict[str, Any]:
-    cfg = m.cfg
-    cache_dir = o.cache_dir or (Path(cfg.cached.cache_dir) if cfg.cached.cache_dir else None)
-    where = cache_dir or o.out / "cache"
-    train, val, hit = split_features(cfg, splits, bb, di, where, o.recompute)
-    unchanged = state_digest(bb.net.state_dict()) == bb.digest
-    if not di.is_main:
-        return {}
-    say_unchanged(bb, unchanged)
-    kc = cfg.knn
-    bank = to_device_if_fits(train[0], di.device)
-    acc = knn_accuracy(
-        bank, train[1], val[0], val[1], splits.num_classes, kc.k, kc.temperature, kc.chunk
-    )
-    return {**acc, "features_from_cache": hit, "backbone_unchanged": unchanged}
+class KnnEvalResult(EvalResult):
+    """results.json of a kNN evaluation and its path."""
 
 
 def knn_eval(weights: str | os.PathLike[str], **options: Any) -> KnnEvalResult:
@@ -102,20 +70,17 @@ def _knn_eval(o: KnnEvalOptions) -> KnnEvalResult:
         if not math.isfinite(o.temperature):  # else the error would name a --set never given
             raise UserError(f"--temperature: {o.temperature} is not a finite number")
         sets.append(f"knn.temperature={o.temperature}")
-    profile = o.profile or default_profile(o.data)
+    profile = o.profile or frozen.default_profile(o.data)
     cfg = config.load_linear(profile, sets)
     splits = resolve_splits(o.data, o.train, o.val, cfg.data.allow_outside_root)
     if cfg.knn.k > len(splits.train):
         raise UserError(f"--k {cfg.knn.k} exceeds the {len(splits.train)} training images")
-    learned = load_weights(o.weights, o.part, o.trust_pickle)
-    matched = match_training(cfg, o.profile, o.data, tuple(sets), learned)
+    learned = frozen.load_weights(o.weights, o.part, o.trust_pickle)
+    matched = frozen.match_training(cfg, o.profile, o.data, tuple(sets), learned)
     check_writable(o.out)
-    di = dist.init(o.device)
-    try:
-        with lock_on_main(o.out, di.is_main):
-            return _evaluate(o, profile, matched, splits, learned, di)
-    finally:
-        dist.shutdown()
+    return run_locked(
+        o.out, o.device, lambda di: _evaluate(o, profile, matched, splits, learned, di)
+    )
 
 
 def _evaluate(
@@ -123,13 +88,14 @@ def _evaluate(
     profile: str,
     m: Matched,
     splits: Splits,
-    learned: Backbone,
+    learned: FrozenBackbone,
     di: dist.DistInfo,
 ) -> KnnEvalResult:
+    ev = Evaluation(m.cfg, splits, di, frozen.features_dir(o.cache_dir, m.cfg, o.out), o.recompute)
     t0 = time.perf_counter()
-    results = {"protocol": "knn", **_one(o, m, splits, learned, di)}
+    results = {"protocol": "knn", **knn_protocol(ev, learned)}
     if o.compare_random:
-        results["random_init"] = _one(o, m, splits, random_backbone(learned), di)
+        results["random_init"] = knn_protocol(ev, frozen.random_backbone(learned))
     if not di.is_main:
         return KnnEvalResult({}, None)
     cfg = m.cfg

@@ -15,8 +15,10 @@ from sslctl import UserError, as_path, config, dist, log, rundir
 from sslctl.backbones import infer_arch
 from sslctl.config import Config
 from sslctl.convert.weights import read_backbone
-from sslctl.engine.fit import Diverged, FitRequest, FitResult, fit
+from sslctl.data.loader import TwoViewLoader
+from sslctl.engine.fit import FitRequest, FitResult, fit
 from sslctl.engine.preempt import StopFlag
+from sslctl.engine.run_state import Diverged
 
 __all__ = ["Diverged", "PretrainResult", "pretrain"]
 
@@ -72,10 +74,10 @@ def recorded_config(cfg: Config, data: Path | None, root: Path) -> Config:
 
 def resolve_data(cfg: Config, data: Path | None) -> Path:
     if data is None:
-        if cfg.data.root == "bundled":
-            from sslctl.data.bundled import bundled_root
+        from sslctl.data import bundled
 
-            return bundled_root() / "train"
+        if cfg.data.root == bundled.SENTINEL:
+            return bundled.resolve(cfg.data.root, "train")
         if not cfg.data.root:
             raise UserError(
                 "--data is required: this profile names no data (give --data /path/to/train)"
@@ -86,7 +88,7 @@ def resolve_data(cfg: Config, data: Path | None) -> Path:
     return data_folder(data)
 
 
-def build_loader(cfg: Config, root: Path, di: dist.DistInfo) -> object:
+def build_loader(cfg: Config, root: Path, di: dist.DistInfo) -> TwoViewLoader:
     """The data backend for pre-training (torchvision; DALI when selected and available)."""
     from sslctl.data.select import build_pretrain_loader
 

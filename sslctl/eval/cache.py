@@ -19,9 +19,8 @@ from torch import nn
 
 from sslctl import UserError, checkpoint, dist, log
 from sslctl.data.readers import MAX_IMAGE_PIXELS, Sample
-from sslctl.data.tv import EvalDataset
 from sslctl.data.views import EvalSpec
-from sslctl.eval.features import extract_features_and_labels
+from sslctl.eval.features import labelled_features
 from sslctl.eval.splits import listing_digest
 
 FORMAT = "sslctl-features"
@@ -91,15 +90,10 @@ def cached_features(
             return *empty, True
         log.info(f"{name}: features from the cache {path}")
         return found[0], found[1].to(torch.int64), True
-    feats, labels = extract_features_and_labels(
-        model,
-        EvalDataset(samples, spec, max_image_pixels),
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        workers=workers,
-        progress_desc=f"features {name}",
-    )
+    feats, labels = labelled_features(
+        model, samples, spec, max_image_pixels, batch_size=batch_size, device=device,
+        precision=precision, workers=workers, progress_desc=f"features {name}",
+    )  # fmt: skip
     labels = labels.to(torch.int64)
     if dist.is_main():
         meta = {

@@ -25,10 +25,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslctl import UserError, dist, log
-from sslctl.data.tv import WorkerLoader
+from sslctl.data.readers import MAX_IMAGE_PIXELS, Sample
+from sslctl.data.tv import EvalDataset, WorkerLoader
+from sslctl.data.views import EvalSpec
 
 FUSIONS = ("sum", "legacy-triplet")
 PRECISIONS = ("bf16", "fp32")
+
+
+def auto_precision(device: torch.device, requested: str = "auto") -> str:
+    """The forward precision of an extraction: ``requested`` as given, except "auto": bf16
+    autocast on CUDA, fp32 anywhere else."""
+    if requested != "auto":
+        return requested
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def available_cpus() -> int:
@@ -272,30 +282,20 @@ def extract_features_and_labels(
     return feats, labels
 
 
-def extract_features(
+def extract_features(model: nn.Module, dataset: Dataset, **options: Any) -> torch.Tensor:
+    """Features (n×d fp32, CPU, dataset order): ``extract_features_and_labels`` (the same
+    keyword ``options``) without the labels."""
+    return extract_features_and_labels(model, dataset, **options)[0]
+
+
+def labelled_features(
     model: nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    device: torch.device | str,
-    precision: str = "fp32",
-    flip: bool = False,
-    fusion: str = "sum",
-    normalize: bool = False,
-    workers: int = 0,
-    progress_desc: str = "features",
-) -> torch.Tensor:
-    """Features (n×d fp32, CPU, dataset order); see ``extract_features_and_labels``."""
-    feats, _ = extract_features_and_labels(
-        model,
-        dataset,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        flip=flip,
-        fusion=fusion,
-        normalize=normalize,
-        workers=workers,
-        progress_desc=progress_desc,
-    )
-    return feats
+    samples: list[Sample],
+    spec: EvalSpec,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    **options: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, class labels) of labelled images through the evaluation transform ``spec``;
+    ``options``: the keyword options of ``extract_features_and_labels``."""
+    dataset = EvalDataset(samples, spec, max_image_pixels)
+    return extract_features_and_labels(model, dataset, **options)

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import dist, log
+from sslctl.data import bundled
 from sslctl.data.readers import MAX_IMAGE_PIXELS, scan_imagefolder
-from sslctl.data.tv import EvalDataset
 from sslctl.data.views import linear_val
-from sslctl.eval.features import extract_features_and_labels
+from sslctl.eval.features import auto_precision, labelled_features
 from sslctl.eval.splits import check_classes
 
 
@@ -65,26 +65,17 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 
 
 def knn_accuracy(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_feats: torch.Tensor,
-    val_labels: torch.Tensor,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> dict[str, float]:
-    """Weighted-kNN top1 / top5 (percent) of the val features against the train features."""
-    scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k, temperature, chunk)
-    return topk_accuracy(scores, val_labels)
-
-
-def _bundled_or(root: str | Path, split: str) -> str | Path:
-    if str(root) == "bundled":
-        from sslctl.data.bundled import bundled_root
-
-        return bundled_root() / split
-    return root
+    """Weighted-kNN top1 / top5 (percent) of the (features, labels) of ``val`` against those of
+    ``train`` (the bank); see ``knn_scores``."""
+    scores = knn_scores(*train, val[0], num_classes, k, temperature, chunk)
+    return topk_accuracy(scores, val[1])
 
 
 def knn_monitor(
@@ -110,33 +101,26 @@ def knn_monitor(
     then centre-crop ``image_size``). ``"bundled"`` as a root means the demo set's split.
     Returns ``{"knn_top1": …, "knn_top5": …}`` in percent.
     """
-    train_root, val_root = _bundled_or(train_root, "train"), _bundled_or(val_root, "val")
+    train_root, val_root = bundled.resolve(train_root, "train"), bundled.resolve(val_root, "val")
     train, classes_t = scan_imagefolder(train_root)
     val, classes_v = scan_imagefolder(val_root)
     n = check_classes(train, val, classes_t, classes_v, str(train_root), str(val_root))
     spec = linear_val(image_size, resize or round(image_size * 256 / 224))
     model = copy.deepcopy(backbone).eval()
     dev = torch.device(device)
-    precision = "bf16" if dev.type == "cuda" else "fp32"
+    precision = auto_precision(dev)
     feats = {}
     for name, samples in (("train", train), ("val", val)):
-        feats[name] = extract_features_and_labels(
-            model,
-            EvalDataset(samples, spec, max_image_pixels),
-            batch_size=batch_size,
-            device=dev,
-            precision=precision,
-            normalize=True,
-            workers=workers,
-            progress_desc=f"kNN {name}",
-            # called mid-training, where DALI's threads run: never fork this process
-            worker_start="forkserver",
-        )
+        feats[name] = labelled_features(
+            model, samples, spec, max_image_pixels, batch_size=batch_size, device=dev,
+            precision=precision, normalize=True, workers=workers, progress_desc=f"kNN {name}",
+            worker_start="forkserver",  # called mid-training, where DALI's threads run: never fork
+        )  # fmt: skip
     del model
     res: dict[str, float] = {}
     if dist.is_main():  # the features were gathered to rank 0 only
-        (ft, yt), (fv, yv) = feats["train"], feats["val"]
-        acc = knn_accuracy(ft.to(dev), yt, fv, yv, n, k, temperature)
-        log.info(f"kNN monitor (k={k}, T={temperature}): top-1 {acc['top1']:.2f}%")
-        res = {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+        bank = feats["train"]
+        accuracy = knn_accuracy((bank[0].to(dev), bank[1]), feats["val"], n, k, temperature)
+        log.info(f"kNN monitor (k={k}, T={temperature}): top-1 {accuracy['top1']:.2f}%")
+        res = {"knn_top1": accuracy["top1"], "knn_top5": accuracy["top5"]}
     return dist.broadcast_object(res)  # type: ignore[return-value]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sslctl import UserError
-from sslctl.data.readers import Sample, read_list_file, scan_imagefolder
+from sslctl.data.listfile import read_list_file
+from sslctl.data.readers import Sample, scan_imagefolder
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,9 @@ def resolve_data(data: str | Path | None) -> Path | None:
     """``bundled`` → the bundled demo root (built on first use); otherwise the path itself."""
     if data is None:
         return None
-    if str(data) == "bundled":
-        from sslctl.data.bundled import bundled_root
+    from sslctl.data import bundled
 
-        return bundled_root()
-    path = Path(data).expanduser()
+    path = bundled.resolve(data).expanduser()
     if not path.is_dir():
         raise UserError(f"--data {path}: no such directory")
     return path

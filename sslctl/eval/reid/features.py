@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import sslctl
 from sslctl import UserError, checkpoint
-from sslctl.data.readers import quote
+from sslctl.data.text import quote
 
 FORMAT = "sslctl-reid-features"
 FORMAT_VERSION = "1"
