@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from sslctl import config, dist
-from sslctl.engine.fit import AMP_DTYPES, FitRequest, Trainer
+from sslctl.engine.amp import AMP_DTYPES
+from sslctl.engine.fit import FitRequest, Trainer
 from sslctl.losses.triplet import truncated_triplet_loss
 
 

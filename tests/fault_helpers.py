@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from sslctl import checkpoint
 
@@ -24,16 +27,6 @@ train: {epochs: 3, batch_size: 12, accumulate: 1, precision: fp32, seed: 0, log_
 data: {backend: torchvision, image_size: 16, workers: 0, pin_memory: false}
 ckpt: {every_epochs: 1, keep_last: 2, every_steps: 1}
 """
-
-
-def make_images(root: Path, n: int = 48, classes: int = 3, size: int = 20) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / f"c{i % classes}"
-        d.mkdir(parents=True, exist_ok=True)
-        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(d / f"{i:04d}.png")
-    return root
 
 
 def write_profile(path: Path, extra: str = "") -> Path:
@@ -60,6 +53,102 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def torchrun_cmd(*args: str, nproc: int = 2, restarts: int | None = None) -> list[str]:
+    """``torchrun --standalone`` of ``tests.fault_worker ARGS…`` on ``nproc`` processes
+    (``restarts``: torchrun's ``--max-restarts``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc)]
+    cmd += ["--max-restarts", str(restarts)] if restarts is not None else []
+    return [*cmd, "-m", "tests.fault_worker", *args]
+
+
+class ForkServer:
+    """One ``tests.fault_worker --fork-server`` process: each ``start`` runs an sslctl command
+    in a child forked from it, without a cold interpreter start (``import torch``) each time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fault_worker", "--fork-server"],
+            cwd=ROOT,
+            env=env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.child: Forked | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put("")  # the server ended
+
+    def _next(self, timeout: float) -> str:
+        line = self.lines.get(timeout=timeout)
+        assert line, "the fork server ended"
+        return line
+
+    def start(self, *args: str, log: Path | None = None) -> Forked:
+        """``sslctl ARGS…`` in a child; its stdout and stderr go to ``log`` (else nowhere)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([list(args), str(log) if log else None]) + "\n")
+        self.proc.stdin.flush()
+        kind, pid = self._next(600).split()
+        assert kind == "pid", kind
+        self.child = Forked(self, int(pid))
+        return self.child
+
+    def close(self) -> None:
+        """Ends a child still running (a failed test's), then the server."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait(60)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Forked:
+    """A child of a ``ForkServer``: ``poll``/``wait``/``kill`` as on a ``subprocess.Popen``."""
+
+    def __init__(self, server: ForkServer, pid: int):
+        self.server, self.pid = server, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(queue.Empty):
+                self._ended(self.server.lines.get_nowait())
+        return self.returncode
+
+    def wait(self, timeout: float = 600) -> int:
+        if self.returncode is None:
+            self._ended(self.server._next(timeout))
+        assert self.returncode is not None
+        return self.returncode
+
+    def _ended(self, line: str) -> None:
+        assert line, "the fork server ended"
+        kind, code = line.split()
+        assert kind == "exit", kind
+        self.returncode = int(code)
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

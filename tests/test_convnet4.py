@@ -15,11 +15,9 @@ from sslctl import UserError, api, checkpoint, config
 from sslctl.backbones import ConvNet4, build_backbone, feature_dim, infer_arch, load_backbone
 from sslctl.cli.app import app
 from sslctl.convert.weights import read_backbone
-from sslctl.engine.fit import build_optimizer
+from sslctl.engine.recipe import build_optimizer
 from sslctl.methods import build_method
-from tests.linear_helpers import make_dataset, one_torch_thread, tiny_sets
-
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
+from tests.linear_helpers import make_dataset, tiny_sets
 
 # demo-cpu itself (convnet4, AdamW, γ = 1), made small enough for seconds.
 SMALL = [

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sslctl import UserError, checkpoint, config, dist
+from sslctl.engine import amp, run_state
 from sslctl.engine.fit import FitRequest, Trainer, fit
 from sslctl.log import read_jsonl
 from tests.engine_helpers import CPU, TensorLoader, small_cfg
@@ -133,7 +134,7 @@ def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
         return loss * float("nan"), stats
 
     monkeypatch.setattr(fit_mod.Trainer, "micro_step", poisoned)
-    with pytest.raises(fit_mod.TrainingHalted, match="non-finite for 2 steps"):
+    with pytest.raises(run_state.TrainingHalted, match="non-finite for 2 steps"):
         run(tmp_path, cfg)
     assert checkpoint.resolve(tmp_path).step == 2
 
@@ -170,7 +171,7 @@ def test_nonfinite_gradients_with_a_finite_loss_stop_without_nan_weights(tmp_pat
         return loss, stats
 
     monkeypatch.setattr(fit_mod.Trainer, "micro_step", poisoned)
-    with pytest.raises(fit_mod.TrainingHalted, match="non-finite for 2 steps.*gradients"):
+    with pytest.raises(run_state.TrainingHalted, match="non-finite for 2 steps.*gradients"):
         run(tmp_path, cfg)
     assert checkpoint.resolve(tmp_path).step == 2
     assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
@@ -230,7 +231,7 @@ def test_fp16_fast_step_equals_gradscaler_step(tmp_path, monkeypatch):
         "train.precision=fp16", "train.epochs=2", "model.arch=convnet4", "model.small_stem=false"
     )
     fast = run(tmp_path / "fast", cfg)
-    monkeypatch.setattr(fit_mod, "_found_inf", lambda scaler, opt: None)
+    monkeypatch.setattr(amp, "found_inf", lambda scaler, opt: None)
     slow = run(tmp_path / "slow", cfg)
     assert fast.step == slow.step == 4
     a, b = weights(tmp_path / "fast"), weights(tmp_path / "slow")

@@ -16,28 +16,46 @@ import pytest
 from sslctl import checkpoint
 from tests.fault_helpers import (
     ROOT,
+    Forked,
+    ForkServer,
     assert_same_weights,
     env,
     final_weights,
-    make_images,
     run_cli,
-    sslctl_cmd,
+    torchrun_cmd,
     write_profile,
 )
+from tests.image_helpers import noise_folder
 
 KILLS = 20
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def server():
+    """Each kill -9 attempt is a fresh process, forked from one that imported torch already."""
+    with ForkServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, server):
     base = tmp_path_factory.mktemp("faults")
-    data = make_images(base / "data")
+    data = noise_folder(base / "data")
     prof = write_profile(base / "tiny.yaml")
     ref = base / "reference"
     t0 = time.monotonic()
-    r = run_cli("pretrain", "--profile", str(prof), "--data", str(data), "--out", str(ref))
-    assert r.returncode == 0, r.stderr[-2000:]
+    _complete(server, base / "reference.log", *_pretrain(prof, data, ref))
     return base, data, prof, final_weights(ref), time.monotonic() - t0
+
+
+def _pretrain(prof: Path, data: Path, out: Path) -> list[str]:
+    return ["pretrain", "--profile", str(prof), "--data", str(data), "--out", str(out)]
+
+
+def _complete(server: ForkServer, log: Path, *args: str) -> None:
+    """Run ``sslctl ARGS…`` in a forked child to its end; it must succeed."""
+    code = server.start(*args, log=log).wait()
+    assert code == 0, log.read_text()[-2000:]
 
 
 def _check_disk(run: Path) -> int:
@@ -54,7 +72,7 @@ def _check_disk(run: Path) -> int:
     return 0 if newest is None else newest.step
 
 
-def _kill_when(proc: subprocess.Popen, run: Path, mode: str, after: float) -> None:
+def _kill_when(proc: Forked, run: Path, mode: str, after: float) -> None:
     """SIGKILL at a random moment, or the moment a checkpoint temp file is being written."""
     deadline = time.monotonic() + after
     ckdir = run / "checkpoints"
@@ -64,17 +82,16 @@ def _kill_when(proc: subprocess.Popen, run: Path, mode: str, after: float) -> No
         if mode == "time" and time.monotonic() >= deadline:
             break
         time.sleep(0.0005 if mode == "write" else 0.01)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
 
 
 @pytest.mark.slow
-def test_kill9_at_random_moments_then_resume_matches(setup, tmp_path):
+def test_kill9_at_random_moments_then_resume_matches(setup, server, tmp_path):
     base, data, prof, reference, wall = setup
     run = tmp_path / "run"
     rng = random.Random(1234)
-    args = ["pretrain", "--profile", str(prof), "--data", str(data), "--out", str(run)]
+    args = _pretrain(prof, data, run)
     killed = 0
     attempts: list[tuple[str, bool, int, int]] = []
     total = checkpoint.newest_valid(base / "reference" / "checkpoints").step
@@ -83,28 +100,21 @@ def test_kill9_at_random_moments_then_resume_matches(setup, tmp_path):
         # finished one to RUN/superseded/ — and keeps the kills coming at every phase of a run.
         newest = checkpoint.newest_valid(run / "checkpoints")
         over = newest is not None and newest.step == total
-        proc = subprocess.Popen(
-            sslctl_cmd(*args, *(["--fresh"] if over else [])),
-            cwd=ROOT,
-            env=env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = server.start(*args, *(["--fresh"] if over else []))
         mode = "write" if i % 2 else "time"
         _kill_when(proc, run, mode, rng.uniform(0.5, wall))
         killed += proc.returncode == -signal.SIGKILL
         attempts.append((mode, over, proc.returncode, _check_disk(run)))
     # most attempts really interrupted a run (mode, started over, exit code, resume step)
     assert killed >= KILLS // 2, attempts
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _complete(server, tmp_path / "resume.log", *args)
     assert_same_weights(final_weights(run), reference)
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_sigterm_to_torchrun_checkpoints_same_step_and_resumes(tmp_path):
-    data = make_images(tmp_path / "data")
+    data = noise_folder(tmp_path / "data")
     prof = write_profile(tmp_path / "p.yaml", "\n")
     run = tmp_path / "run"
     prof.write_text(
@@ -112,20 +122,13 @@ def test_sigterm_to_torchrun_checkpoints_same_step_and_resumes(tmp_path):
         .replace("epochs: 3", "epochs: 40")
         .replace("every_steps: 1", "every_steps: 0")
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += [
-        "-m",
-        "tests.fault_worker",
-        "pretrain",
-        "--profile",
-        str(prof),
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-    ]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        torchrun_cmd(*_pretrain(prof, data, run)),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -167,13 +170,11 @@ def test_sigterm_to_torchrun_checkpoints_same_step_and_resumes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_worker_crash_under_max_restarts_gives_same_weights(tmp_path):
-    data = make_images(tmp_path / "data", n=72)
+    data = noise_folder(tmp_path / "data", n=72)
     prof = write_profile(tmp_path / "p.yaml")
     args = ["pretrain", "--profile", str(prof), "--data", str(data)]
     # Exactly one restart is allowed: the restarted workers must connect at the first try, which
     # needs dist.init's per-attempt store keys (torchrun keeps the dead attempt's keys).
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    base += ["--max-restarts", "1"]
 
     def torchrun(out: Path, crash: str | None) -> None:
         e = (
@@ -182,7 +183,7 @@ def test_worker_crash_under_max_restarts_gives_same_weights(tmp_path):
             | ({"SSLCTL_TEST_CRASH_AT": crash} if crash else {})
         )
         r = subprocess.run(
-            base + ["-m", "tests.fault_worker", *args, "--out", str(out)],
+            torchrun_cmd(*args, "--out", str(out), restarts=1),
             cwd=ROOT,
             env=e,
             capture_output=True,
@@ -204,7 +205,7 @@ def test_worker_crash_under_max_restarts_gives_same_weights(tmp_path):
 def test_enospc_on_save_keeps_previous_and_stops_cleanly(tmp_path, monkeypatch):
     from sslctl import api
 
-    data = make_images(tmp_path / "data", n=24)
+    data = noise_folder(tmp_path / "data", n=24)
     prof = write_profile(tmp_path / "p.yaml")
     run = tmp_path / "run"
     api.pretrain(str(prof), run, data, max_steps=1)
@@ -215,7 +216,7 @@ def test_enospc_on_save_keeps_previous_and_stops_cleanly(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "write_bytes", no_space)
-    from sslctl.engine.fit import TrainingHalted
+    from sslctl.engine.run_state import TrainingHalted
 
     with pytest.raises(TrainingHalted) as halted:
         api.pretrain(str(prof), run, data, max_steps=2)
@@ -232,7 +233,7 @@ def test_enospc_on_save_keeps_previous_and_stops_cleanly(tmp_path, monkeypatch):
 
 def test_enospc_through_cli_is_one_line(tmp_path):
     """The same failure from the command line: exit 2, one 'error:' line, no traceback."""
-    data = make_images(tmp_path / "data", n=24)
+    data = noise_folder(tmp_path / "data", n=24)
     prof = write_profile(tmp_path / "p.yaml")
     run = tmp_path / "run"
     code = (

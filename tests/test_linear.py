@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from sslctl import checkpoint, config, dist
 from sslctl.backbones import build_backbone
 from sslctl.cli.app import app
-from sslctl.eval.linear import StandardProbe, fits_in_half_free, place_features, train_cached_head
+from sslctl.eval.cached_probe import fits_in_half_free, place_features, train_cached_head
+from sslctl.eval.linear import StandardProbe
 from sslctl.eval.splits import resolve_splits
 from sslctl.log import read_jsonl
 from tests.linear_helpers import (

@@ -17,7 +17,8 @@ from torch import nn
 
 from sslctl import api, checkpoint, config, dist
 from sslctl.backbones import ConvNet4
-from sslctl.engine.fit import FitRequest, Trainer, build_optimizer, lr_schedule
+from sslctl.engine.fit import FitRequest, Trainer
+from sslctl.engine.recipe import build_optimizer, lr_schedule
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.log import read_jsonl
 from sslctl.methods import build_method
@@ -175,6 +176,7 @@ def test_one_process_shuffle_returns_each_key_to_its_sample():
     assert not torch.equal(seen[0], x)  # the encoder saw another order
 
 
+@pytest.mark.ddp
 def test_shuffle_bn_over_two_processes_returns_each_key_to_its_sample(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -243,6 +245,7 @@ def test_simsiam_predictor_lr_stays_constant_while_the_rest_follows_the_schedule
 
 
 # ----------------------------------------------------------------- checkpoints in the tools
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "mocov2", "simsiam"])
 def test_checkpoints_work_with_extract(tmp_path, method):
     run_dir = tmp_path / "run"
@@ -263,6 +266,7 @@ def test_checkpoints_work_with_extract(tmp_path, method):
         assert f"a {method} checkpoint has no target network" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_baseline_checkpoint_runs_knn_eval_on_the_bundled_data(tmp_path):
     run_dir = tmp_path / "run"
     trainer(run_dir, tiny("simsiam", "train.epochs=1")).run()

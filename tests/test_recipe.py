@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from sslctl import UserError, config, dist
-from sslctl.engine.fit import FitRequest, fit, lr_schedule
+from sslctl.engine.fit import FitRequest, fit
+from sslctl.engine.recipe import lr_schedule
 from sslctl.engine.schedules import ReferenceLR, WarmupCosine
 from sslctl.log import read_jsonl
 from sslctl.methods import build_method
@@ -111,6 +112,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_engine_applies_the_reference_lr_at_every_step(tmp_path: Path) -> None:
     cfg = config.load("demo-cpu", SMALL)
     loader = TensorLoader(48, cfg.train.batch_size)  # 4 micro-batches = 2 steps per epoch

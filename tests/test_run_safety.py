@@ -22,7 +22,8 @@ import torch
 from sslctl import checkpoint, config, files, rundir
 from sslctl.api.pretrain import recorded_config
 from sslctl.log import read_jsonl
-from tests.fault_helpers import ROOT, env, make_images, run_cli, sslctl_cmd, write_profile
+from tests.fault_helpers import ROOT, env, run_cli, sslctl_cmd, write_profile
+from tests.image_helpers import noise_folder
 
 # 48 images, batch 12: 4 steps per epoch, 3 epochs; a checkpoint every step, 2 kept (+ epochs)
 STEPS = 12
@@ -31,7 +32,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    data = make_images(root / "data")
+    data = noise_folder(root / "data")
     prof = write_profile(root / "tiny.yaml")
     done = root / "done"  # one finished run, copied by the tests that need one
     r = run_cli(*_args(prof, data, done))
@@ -270,7 +271,7 @@ def test_evaluation_output_directories_are_locked(base, tmp_path, command):
     weights = checkpoint.resolve(base["done"]).weights
     labelled = tmp_path / "labelled"
     for split in ("train", "val"):
-        make_images(labelled / split, n=24)
+        noise_folder(labelled / split, n=24)
     data = ["--data", str(labelled)]
     if command == "eval-reid":  # identities as class folders: train/ as query, val/ as gallery
         data = ["--layout", "imagefolder", "--query", str(labelled / "train")]
@@ -312,7 +313,7 @@ def test_changed_settings_are_refused_unless_allowed(base, tmp_path):
     run = tmp_path / "run"
     prof, data = base["prof"], base["data"]
     assert run_cli(*_args(prof, data, run, "--max-steps", "2")).returncode == 0
-    other = make_images(tmp_path / "other", n=48)
+    other = noise_folder(tmp_path / "other", n=48)
     r = run_cli(*_args(prof, other, run, "--max-steps", "3"), "--set", "optim.lr=0.1")
     _one_error(
         r,
@@ -364,7 +365,7 @@ def test_config_yaml_records_what_ran(base, tmp_path):
 def test_demo_knn_monitor_is_off_with_user_data(tmp_path):
     cfg = config.load("demo-cpu")
     assert cfg.eval.knn_every == 2 and cfg.eval.knn_train == "bundled"
-    data = make_images(tmp_path / "d", n=24, size=36)
+    data = noise_folder(tmp_path / "d", n=24, size=36)
     run = tmp_path / "run"
     # two epochs of 2 steps: the monitor would score the bundled digits at the second end
     r = run_cli(*_args(Path("demo-cpu"), data, run), "--set", "train.batch_size=12",
@@ -435,7 +436,7 @@ def test_failed_evaluation_leaves_no_empty_out(base, tmp_path):
     before anything is written) leaves no new, empty --out either."""
     labelled = tmp_path / "labelled"
     for split in ("train", "val"):
-        make_images(labelled / split, n=12)
+        noise_folder(labelled / split, n=12)
     (labelled / "train" / "c0" / "broken.png").write_bytes(b"")  # the first split extracted
     out = tmp_path / "knn"
     weights = checkpoint.resolve(base["done"]).weights

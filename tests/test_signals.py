@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from sslctl import STOP_SIGNALS, checkpoint, entry
 from sslctl.cli.common import user_errors
 from sslctl.data.tv import WorkerLoader
-from tests.fault_helpers import ROOT, TINY_PROFILE, env, make_images
+from tests.fault_helpers import ROOT, TINY_PROFILE, env
+from tests.image_helpers import noise_folder
 
 LONG = 300  # seconds: the most any one process in these tests may take
 
@@ -142,7 +143,7 @@ def _pretrain_cmd(prof: Path, data: Path, run: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_checkpoints_and_resumes(tmp_path):
-    data = make_images(tmp_path / "data")
+    data = noise_folder(tmp_path / "data")
     prof = _long_profile(tmp_path / "p.yaml")
     run = tmp_path / "run"
     with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
@@ -171,7 +172,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes(tmp_path):
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils `timeout`")
 def test_timeout_signals_the_group_and_the_run_stops_cleanly(tmp_path):
     """GNU timeout sends SIGTERM to its whole process group; --preserve-status passes on our 3."""
-    data = make_images(tmp_path / "data")
+    data = noise_folder(tmp_path / "data")
     prof = _long_profile(tmp_path / "p.yaml")
     run = tmp_path / "run"
     cmd = ["timeout", "--preserve-status", "-s", "TERM", "30", *_pretrain_cmd(prof, data, run)]
@@ -381,7 +382,7 @@ def test_stop_signal_to_the_group_of_nproc_per_node_reaches_torchrun_once(tmp_pa
     the launcher passes the signal on once (torchrun runs in its own session and forwards
     SIGUSR1 too), rank 0 checkpoints the step both ranks stopped after, status.json names it,
     and the launcher exits 3 as a one-process run would."""
-    data = make_images(tmp_path / "data")
+    data = noise_folder(tmp_path / "data")
     prof = _long_profile(tmp_path / "p.yaml")
     run = tmp_path / "run"
     with open(tmp_path / "log", "w+") as log:

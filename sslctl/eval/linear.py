@@ -1,4 +1,4 @@
-"""Linear evaluation: the standard protocol (SPEC §3) and the fast probe on cached features.
+"""Linear evaluation: the standard protocol (SPEC §3), its head and its result type.
 
 Standard protocol: the backbone is frozen — eval mode, so its BN layers use and never update
 their running statistics, no gradients, outside the optimizer and outside DDP — and one
@@ -9,6 +9,8 @@ features and trains in fp32, so its gradients need no loss scaling (no GradScale
 Top-1/top-5 on the validation set after every epoch (contiguous shards, counts summed over
 ranks: every image counted once) and the best. Checkpoints (head, optimizer, position) are
 written at every epoch end and on a stop signal; a rerun continues from the newest one.
+The run state (position, checkpoint save/restore, stop flag) is the engine's ``run_state``;
+the fast probe on cached features is ``eval.cached_probe``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from sslctl import UserError, checkpoint, dist, files, log
+from sslctl import UserError, dist, log
 from sslctl.backbones import feature_dim
-from sslctl.config import CachedCfg, LinearConfig
+from sslctl.config import LinearConfig
 from sslctl.data.tv import EvalDataset, WorkerLoader
 from sslctl.data.views import linear_train, linear_val
+from sslctl.engine.amp import AMP_DTYPES
 from sslctl.engine.preempt import StopFlag
+from sslctl.engine.run_state import (
+    Position,
+    find_checkpoint,
+    read_checkpoint,
+    save_agreed,
+    stop_flag,
+    truncate_metrics,
+)
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.eval.cache import state_digest
-from sslctl.eval.features import fits_in_free_memory, loader_workers, shard_range
+from sslctl.eval.features import loader_workers, shard_range
 from sslctl.eval.knn import correct_counts
 from sslctl.eval.splits import Splits
 from sslctl.rundir import config_changes, show_value
 
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KEEP_CHECKPOINTS = 2  # the newest two: one may be mid-write when a machine dies
 # Settings that cannot change what the standard protocol computes: continuing with other values
 # is not a change (the cached probe's and kNN's sections, decoding processes, logging cadence).
@@ -114,13 +123,6 @@ class ProbeResult:
     backbone_unchanged: bool  # weights and BN buffers bit-identical to those loaded
 
 
-@dataclass
-class _Position:
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-
 class StandardProbe:
     """One run of the SPEC §3 protocol in ``run_dir`` (checkpoints/, metrics.jsonl)."""
 
@@ -178,18 +180,14 @@ class StandardProbe:
             self.lin.warmup_start_factor,
             self.lin.final_lr_factor,
         )
-        self.pos = _Position()
+        self.pos = Position()
         self.best, self.best_epoch = -1.0, 0
         self.history: list[dict[str, float]] = []
 
     # ----------------------------------------------------------------- checkpoints
     def _train_state(self) -> dict[str, Any]:
-        p = self.pos
         return {
-            "step": p.step,
-            "epoch": p.epoch,
-            "batch_in_epoch": p.batch,
-            "world_size": self.di.world_size,
+            **self.pos.state(self.di.world_size),
             "optimizer": self.opt.state_dict(),
             "best_top1": self.best,
             "best_epoch": self.best_epoch,
@@ -199,34 +197,37 @@ class StandardProbe:
     def save(self) -> None:
         """Rank 0 writes the head, optimizer and position; every rank learns whether it worked
         (the agreement is also the barrier), so a failed write stops all of them in one line."""
-        error = ""
-        if self.di.is_main:
-            tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-            settings = json.dumps(self.settings, sort_keys=True)  # = cfg.to_json()
-            meta = {**self.meta, "epoch": str(self.pos.epoch), "config": settings}
-            try:
-                checkpoint.save(self.ckpt_dir, self.pos.step, tensors, meta, self._train_state())
-                checkpoint.prune(self.ckpt_dir, KEEP_CHECKPOINTS, lambda m: False)
-            except OSError as e:
-                error = files.write_error(e)
-        if dist.any_rank(bool(error)):
+        verdict = save_agreed(
+            self.di,
+            self.ckpt_dir,
+            self.pos.step,
+            self._checkpoint,
+            KEEP_CHECKPOINTS,
+            lambda m: False,
+        )
+        if verdict.write_failed:
             raise UserError(
-                f"cannot write a checkpoint in {self.ckpt_dir} ({error or 'failed on rank 0'}); "
+                f"cannot write a checkpoint in {self.ckpt_dir} ({verdict.error or 'failed on rank 0'}); "
                 "the previous checkpoint is intact: fix that and rerun, or choose another --out"
             )
 
+    def _checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+        """The head, what it was trained on and how, and the train state (with the position)."""
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        settings = json.dumps(self.settings, sort_keys=True)  # = cfg.to_json()
+        meta = {**self.meta, "epoch": str(self.pos.epoch), "config": settings}
+        return tensors, meta, self._train_state()
+
     def restore(self) -> bool:
         """Continue from the newest verified checkpoint of this run, if any."""
-        skip = lambda c, why: log.warn(f"skipping checkpoint {c.weights.name}: {why}")  # noqa: E731
-        ck = checkpoint.newest_valid(self.ckpt_dir, skip)
+        ck = find_checkpoint(self.ckpt_dir)
         if ck is None:
             return False
-        tensors, meta = checkpoint.load_safetensors(ck.weights)
+        tensors, meta, st, pos = read_checkpoint(ck)
         self._check_same_run(meta, ck.weights)
         self.head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items()})
-        st = checkpoint.load_train_state(ck.state)
         self.opt.load_state_dict(st["optimizer"])
-        self.pos = _Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]))
+        self.pos = pos
         self.best, self.best_epoch = float(st["best_top1"]), int(st["best_epoch"])
         self.history = list(st["history"])
         if int(st["world_size"]) != self.di.world_size and self.pos.batch:
@@ -239,8 +240,7 @@ class StandardProbe:
         if was is not None and was < self.lin.epochs:
             said += f"; continuing to {self.lin.epochs} epochs (it was started for {was})"
         log.info(said)
-        if self.di.is_main:
-            log.truncate_jsonl(self.run_dir / "metrics.jsonl", self.pos.step)
+        truncate_metrics(self.di, self.run_dir / "metrics.jsonl", self.pos.step)
         return True
 
     def _check_same_run(self, meta: dict[str, str], path: Path) -> None:
@@ -355,15 +355,15 @@ class StandardProbe:
         return {"top1": 100.0 * float(c[0]) / n, "top5": 100.0 * float(c[1]) / n}
 
     def _end_epoch(self, metrics: log.MetricsWriter) -> None:
-        acc = self.validate()
-        if acc["top1"] > self.best:
-            self.best, self.best_epoch = acc["top1"], self.pos.epoch
-        rec = {"epoch": float(self.pos.epoch), **acc, "train_loss": self.epoch_loss}
+        scores = self.validate()
+        if scores["top1"] > self.best:
+            self.best, self.best_epoch = scores["top1"], self.pos.epoch
+        rec = {"epoch": float(self.pos.epoch), **scores, "train_loss": self.epoch_loss}
         self.history.append(rec)
         metrics.write({"step": self.pos.step, **rec, "best_top1": self.best})
         log.info(
-            f"epoch {self.pos.epoch}/{self.lin.epochs}: top-1 {acc['top1']:.2f}%  top-5 "
-            f"{acc['top5']:.2f}%  (best {self.best:.2f}% at epoch {self.best_epoch})"
+            f"epoch {self.pos.epoch}/{self.lin.epochs}: top-1 {scores['top1']:.2f}%  top-5 "
+            f"{scores['top5']:.2f}%  (best {self.best:.2f}% at epoch {self.best_epoch})"
         )
         self.save()
 
@@ -373,7 +373,7 @@ class StandardProbe:
         tb = self.run_dir / "tb" if tensorboard else None
         metrics = log.MetricsWriter(self.run_dir / "metrics.jsonl", tb, self.pos.step + 1)
         stopped = "done"
-        with StopFlag() as flag, log.make_progress(desc, unit="step") as bar:
+        with stop_flag() as flag, log.make_progress(desc, unit="step") as bar:
             task = bar.add_task(desc, total=self.total_steps, completed=self.pos.step, stats="")
             while self.pos.epoch < self.lin.epochs:
                 if self._epoch(bar, task, flag, metrics) == "signal":
@@ -409,110 +409,3 @@ def _saved_epochs(saved_json: str) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return epochs if isinstance(epochs, int) else None
-
-
-# ----------------------------------------------------------------- the cached-feature probe
-def _standardiser(train_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of the training features (std floored: dead units stay 0)."""
-    mean = train_feats.mean(dim=0)
-    std = train_feats.std(dim=0).clamp_min(1e-6)
-    return mean, std
-
-
-def fits_in_half_free(t: torch.Tensor, device: torch.device) -> bool:
-    """Whether ``t`` fits in half the accelerator's free memory (False for the CPU)."""
-    return fits_in_free_memory(t.numel() * t.element_size(), device, 0.5)
-
-
-def to_device_if_fits(
-    t: torch.Tensor,
-    device: torch.device,
-    fits: Callable[[torch.Tensor, torch.device], bool] = fits_in_half_free,
-) -> torch.Tensor:
-    """The whole feature matrix on the accelerator when it fits (``fits``), else where it is."""
-    return t.to(device) if fits(t, device) else t
-
-
-def place_features(
-    feats: torch.Tensor,
-    labels: torch.Tensor,
-    device: torch.device,
-    fits: Callable[[torch.Tensor, torch.device], bool] = fits_in_half_free,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features on the accelerator when they fit, and their labels (int64) beside them."""
-    feats = to_device_if_fits(feats, device, fits)
-    return feats, labels.to(feats.device, torch.int64)
-
-
-@torch.no_grad()
-def _evaluate_head(
-    head: nn.Linear,
-    feats: torch.Tensor,
-    labels: torch.Tensor,
-    stats: tuple[torch.Tensor, torch.Tensor],
-    chunk: int = 8192,
-) -> dict[str, float]:
-    dev = head.weight.device
-    counts = torch.zeros(2, dtype=torch.float64, device=dev)
-    for i in range(0, feats.shape[0], chunk):
-        x = (feats[i : i + chunk].to(dev) - stats[0]) / stats[1]
-        counts += correct_counts(head(x), labels[i : i + chunk].to(dev))
-    n = max(feats.shape[0], 1)
-    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n}
-
-
-def train_cached_head(
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    cfg: CachedCfg,
-    device: torch.device,
-    seed: int = 0,
-    metrics: log.MetricsWriter | None = None,
-    desc: str = "cached probe",
-) -> ProbeResult:
-    """A linear head on cached features (n×d, labels n): the fast proxy, not SPEC §3.
-
-    Features are standardised per dimension with the training set's mean and std (a
-    BatchNorm without affine parameters in front of the head, as MAE's linear probe does), so
-    one learning rate suits backbones whose feature scales differ by orders of magnitude
-    (a random initialisation and a trained one). SGD with momentum, warm-up then a
-    per-iteration cosine; top-1/top-5 on the val features after every epoch.
-    """
-    (tf, ty), (vf, vy) = train, val
-    tf, ty = place_features(tf, ty, device)
-    stats = tuple(t.to(device) for t in _standardiser(tf))
-    head = make_head(tf.shape[1], num_classes, seed).to(device)
-    opt = torch.optim.SGD(head.parameters(), cfg.lr, cfg.momentum, weight_decay=cfg.weight_decay)
-    spe = math.ceil(tf.shape[0] / cfg.batch_size)
-    lr = WarmupCosine(cfg.lr, cfg.epochs * spe, round(cfg.warmup_epochs * spe))
-    g = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    best, best_epoch, step = -1.0, 0, 0
-    with log.make_progress(desc, unit="epoch", plain_every_s=5.0) as bar:
-        task = bar.add_task(desc, total=cfg.epochs, stats="")
-        for epoch in range(1, cfg.epochs + 1):
-            order = torch.randperm(tf.shape[0], generator=g).to(tf.device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i in range(0, tf.shape[0], cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
-                x = (tf[idx].to(device) - stats[0]) / stats[1]
-                loss = F.cross_entropy(head(x), ty[idx].to(device))
-                opt.param_groups[0]["lr"] = lr(step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
-                step += 1
-            acc = _evaluate_head(head, vf, vy, stats)  # type: ignore[arg-type]
-            if acc["top1"] > best:
-                best, best_epoch = acc["top1"], epoch
-            rec = {"epoch": float(epoch), **acc, "train_loss": float(loss_sum) / spe}
-            history.append(rec)
-            if metrics is not None:
-                metrics.write({"step": step, **rec, "best_top1": best})
-            bar.update(task, advance=1, stats=f"top-1 {acc['top1']:.2f}%")
-    last = history[-1]
-    return ProbeResult(
-        last["top1"], last["top5"], best, best_epoch, cfg.epochs, history, "done", True
-    )
