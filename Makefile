@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sslctl-installed
 BASE_STAMP := $(VENV)/.sslctl-base-installed
 
-.PHONY: setup setup-base demo test lint bench clean
+.PHONY: setup setup-base demo test test-fast lint bench clean
 
 setup: $(STAMP)
 setup-base: $(BASE_STAMP)
@@ -36,6 +36,11 @@ test: setup
 	$(VENV)/bin/ruff check sslctl tests benchmarks
 	$(VENV)/bin/mypy sslctl
 	$(VENV)/bin/pytest -q
+
+# The tests under ~10 s each (no torchrun, no CLI pre-training in a subprocess): a quick check
+# while editing. `make test` (all of them) is what CI runs; markers: tests/conftest.py.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow and not ddp"
 
 lint: setup
 	$(VENV)/bin/ruff check sslctl tests benchmarks

@@ -113,7 +113,7 @@ def cache_dir() -> Path:
 
 def unwritable_cache(what: str, folder: Path, e: OSError) -> UserError:
     """The one line for a cache folder sslctl cannot write (read-only, under a file, full)."""
-    from sslctl.data.readers import quote  # data sits above this module
+    from sslctl.data.text import quote  # data sits above this module
 
     why = e.strerror or type(e).__name__
     return UserError(

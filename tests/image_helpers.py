@@ -1,4 +1,5 @@
-"""Small synthetic images written to disk, shared by the data-backend tests."""
+"""Small synthetic images written to disk (single files, class folders), shared by the
+data-backend tests and the conftest fixtures; and undoing the ImageNet normalisation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from sslctl.data.views import IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def unnormalize(view: torch.Tensor) -> torch.Tensor:
+    """A (C, H, W) or (N, C, H, W) view normalised with the ImageNet mean and std back to
+    0..1 RGB."""
+    return view * _STD + _MEAN
 
 
 def save_png(path: Path, arr: np.ndarray) -> Path:
@@ -26,6 +39,18 @@ def blocks(path: Path, size: int = 32, lo: int = 0, hi: int = 256, seed: int = 0
 def photo(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def noise_folder(root: Path, n: int = 48, classes: int = 3, size: int = 20, seed: int = 0) -> Path:
+    """root/c<i % classes>/<i:04d>.png: ``n`` size×size random-noise PNGs, deterministic in
+    ``seed`` (the tests' ``image_folder`` and ``shared_images`` fixtures build on it)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(d / f"{i:04d}.png")
+    return root
 
 
 def make_odd_folder(root: Path) -> dict[str, str]:

@@ -95,7 +95,9 @@ def tiny_sets(*extra: str) -> list[str]:
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Tiny convolutions on a shared 2-core machine: a second intra-op thread only spins
-    (measured: the standard-protocol test takes 20 s with 2 threads, 3 s with one)."""
+    (measured: the standard-protocol test takes 20 s with 2 threads, 3 s with one).
+    tests/conftest.py now pins one thread for the whole session; this per-test copy stays only
+    while test_linear*.py still import it."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -24,14 +25,12 @@ from tests.linear_helpers import (
     make_dataset,
     make_split,
     make_weights,
-    one_torch_thread,
     tiny_sets,
 )
 from tests.reid_helpers import make_backbone, make_market
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 
 HMS = r"\d+:\d\d:\d\d"
 PRETRAIN_LINE = re.compile(
@@ -44,6 +43,7 @@ def _progress_lines(text: str) -> list[re.Match[str]]:
     return [m for ln in text.splitlines() if (m := PRETRAIN_LINE.match(ln))]
 
 
+@pytest.mark.slow
 def test_pretrain_to_a_file_prints_periodic_plain_lines(tmp_path):
     """As under Slurm: stdout and stderr to one file, no terminal, Python's own buffering
     (no PYTHONUNBUFFERED). Lines must appear while the run trains, not at its end."""
@@ -83,6 +83,7 @@ def test_pretrain_to_a_file_prints_periodic_plain_lines(tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))  # --tensorboard reached the config
 
 
+@pytest.mark.slow
 def test_linear_eval_and_eval_reid_print_plain_lines(tmp_path):
     data, weights = make_dataset(tmp_path / "data"), make_weights(tmp_path / "r18.safetensors")
     args = ["linear-eval", str(weights), "--data", str(data), "--out", str(tmp_path / "lin"),

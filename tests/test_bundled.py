@@ -19,8 +19,8 @@ from sslctl import UserError, files
 from sslctl.data import bundled
 from sslctl.data.readers import scan_imagefolder
 
-pytestmark = pytest.mark.slow  # builds the set three times (two racing processes + one)
-
+# The tests of a built set are marked slow: raced_root builds it twice (two racing processes),
+# test_built_twice_gives_identical_files once more; the others run in the fast suite.
 BUILD = "from sslctl.data.bundled import bundled_root; print(bundled_root())"
 
 
@@ -49,6 +49,7 @@ def _digests(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_built_twice_gives_identical_files(
     raced_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -63,6 +64,7 @@ def test_built_twice_gives_identical_files(
     assert (second / "manifest.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_layout_split_and_class_balance(raced_root: Path) -> None:
     train, classes = scan_imagefolder(raced_root / "train")
     val, val_classes = scan_imagefolder(raced_root / "val")
@@ -89,6 +91,7 @@ def _pixels(samples: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
     return x / np.linalg.norm(x, axis=1, keepdims=True), np.array([y for _, y in samples])
 
 
+@pytest.mark.slow
 def test_raw_pixels_do_not_solve_it(raced_root: Path) -> None:
     """Raw-pixel kNN (k=20, cosine, majority vote) on val measured 52.8 % (chance: 10 %); on the
     unrendered 8×8 digits, with the same split, the same classifier scores 96.4 %. The demo's

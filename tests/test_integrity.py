@@ -20,12 +20,11 @@ from sslctl.backbones import build_backbone
 from sslctl.cli.app import app
 from sslctl.convert import extract as ex
 from sslctl.convert.weights import read_backbone
-from tests.fault_helpers import make_images, write_profile
-from tests.linear_helpers import make_dataset, one_torch_thread, tiny_sets
+from tests.fault_helpers import write_profile
+from tests.linear_helpers import make_dataset, tiny_sets
 from tests.reid_helpers import make_market
 
 runner = CliRunner()
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 
 MISMATCH = "does not match its manifest {} (sha256 differs: corrupt or truncated)"
 PICK = "pick another checkpoint (`sslctl checkpoints"
@@ -33,10 +32,10 @@ NO_MANIFEST = "no manifest beside it; its integrity cannot be checked"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
+def base(tmp_path_factory, shared_images) -> dict[str, Path]:
     """One real one-step run (the tiny fault-test profile), a labelled set and a Market tree."""
     root = tmp_path_factory.mktemp("integrity")
-    data = make_images(root / "images", n=24)
+    data = shared_images(n=24)
     prof = write_profile(root / "tiny.yaml")
     run = root / "run"
     api.pretrain(str(prof), run, data, max_steps=1)

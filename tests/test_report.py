@@ -22,11 +22,9 @@ from sslctl import UserError, __version__, api
 from sslctl.cli.app import app
 from sslctl.log import read_jsonl
 from sslctl.report import plot
-from tests.linear_helpers import one_torch_thread
 from tests.report_helpers import colour_pixels, fake_knn, load_png, short_run
 
 runner = CliRunner()
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 BLUE, ORANGE = plot.COLOURS[0], plot.COLOURS[1]
 
 

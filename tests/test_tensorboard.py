@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sslctl import UserError, log
 from sslctl.cli.app import app
-from tests.linear_helpers import make_dataset, make_weights, one_torch_thread, tiny_sets
+from tests.linear_helpers import make_dataset, make_weights, tiny_sets
 from tests.report_helpers import short_run
 
 pytest.importorskip("tensorboard")
@@ -23,7 +23,6 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
 )
 
 runner = CliRunner()
-__all__ = ["one_torch_thread"]  # an autouse fixture, imported to apply here
 
 
 def _events(tb: Path) -> dict[str, list[tuple[int, float]]]:
