@@ -1,10 +1,9 @@
 """fit(): the pre-training loop — DDP, AMP, accumulation, LARS, schedules, EMA, checkpoints.
 
-One AMP path (autocast + GradScaler(enabled=fp16)); DDP wraps only the trained module (online);
-the target stays outside DDP and the optimizer; schedules are indexed by the optimizer step.
-``Trainer.train_step`` is one optimizer step; ``_epoch`` and ``_run`` call out of the loop to
-logging and checkpointing. What the config builds is in ``recipe``, the run state (position,
-checkpoints, status) shared with the linear probe in ``run_state``.
+One AMP path (autocast + GradScaler(enabled=fp16)); DDP wraps only the online module; the target
+stays outside DDP and the optimizer. ``Trainer.train_step`` is one optimizer step; ``_epoch`` and
+``_run`` call out to logging and checkpointing. What the config builds is in ``recipe``; the run
+state (position, checkpoints, status), shared with the linear probe, in ``run_state``.
 """
 
 from __future__ import annotations
@@ -121,11 +120,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the current step; returns its weights path (None: the step was skipped).
 
-        Rank 0 writes, every rank learns whether it worked (``run_state.save_agreed``). A failed
-        write stops every rank cleanly with the previous checkpoint intact; non-finite weights
-        stop it as diverged, and a step whose loss was not finite is not saved at all, so
-        pruning never removes a good checkpoint in favour of a bad one.
-        """
+        Rank 0 writes, every rank learns the outcome (``run_state.save_agreed``): a failed write
+        stops every rank with the previous checkpoint intact, non-finite weights stop the run as
+        diverged, and a step whose loss was not finite is not saved (pruning never removes a
+        good checkpoint in favour of a bad one)."""
         if self.nonfinite:
             log.warn(f"step {self.pos.step} is not checkpointed: its loss was not finite")
             return None
@@ -157,9 +155,11 @@ class Trainer:
         return self.saved
 
     def load(self, ck: checkpoint.CkptPaths) -> None:
-        tensors, meta, st, pos = read_checkpoint(ck)
-        checkpoint.check_finite(tensors, str(ck.weights))
-        check_same_network(self.cfg, ck, meta)
+        def check(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+            checkpoint.check_finite(tensors, str(ck.weights))
+            check_same_network(self.cfg, ck, meta)
+
+        tensors, _, st, pos = read_checkpoint(ck, check)
         load_training_state(self.method, self.opt, tensors, st, ck, self.cfg, self.di.device)
         self.scaler.load_state_dict(st["scaler"])
         self.pos = pos

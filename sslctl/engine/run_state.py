@@ -76,9 +76,9 @@ def save_agreed(
     ``check_finite``: weights with non-finite values are not written (the verdict says so)."""
     error, bad = "", ""
     if di.is_main:
-        tensors, meta, state = contents()
-        bad = checkpoint.nonfinite_summary(tensors) if check_finite else ""
         try:
+            tensors, meta, state = contents()
+            bad = checkpoint.nonfinite_summary(tensors) if check_finite else ""
             if not bad:
                 checkpoint.save(ckpt_dir, step, tensors, meta, state)
                 checkpoint.prune(ckpt_dir, keep_last, keep)
@@ -116,9 +116,14 @@ def find_checkpoint(ckpt_dir: Path, resume: str = "auto") -> checkpoint.CkptPath
 
 def read_checkpoint(
     ck: checkpoint.CkptPaths,
+    check: Callable[[dict[str, torch.Tensor], dict[str, str]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any], Position]:
-    """A checkpoint's tensors, metadata, train state and position."""
+    """A checkpoint's tensors, metadata, train state and position. ``check(tensors, meta)``
+    runs before the train state is read, so that a checkpoint of another run or with
+    non-finite weights is refused for that reason first."""
     tensors, meta = checkpoint.load_safetensors(ck.weights)
+    if check is not None:
+        check(tensors, meta)
     state = checkpoint.load_train_state(ck.state)
     return tensors, meta, state, Position.of(state)
 

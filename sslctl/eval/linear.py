@@ -223,8 +223,9 @@ class StandardProbe:
         ck = find_checkpoint(self.ckpt_dir)
         if ck is None:
             return False
-        tensors, meta, st, pos = read_checkpoint(ck)
-        self._check_same_run(meta, ck.weights)
+        tensors, meta, st, pos = read_checkpoint(
+            ck, lambda _, m: self._check_same_run(m, ck.weights)
+        )
         self.head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items()})
         self.opt.load_state_dict(st["optimizer"])
         self.pos = pos
