@@ -97,10 +97,14 @@ def write_error(e: OSError) -> str:
     return f"{name}: {reason}" if name else reason
 
 
+def write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) written atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     """``doc`` as indented JSON (an evaluation's results.json), written atomically."""
-    text = json.dumps(doc, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def cache_dir() -> Path:

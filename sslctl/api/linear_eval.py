@@ -149,7 +149,7 @@ def _evaluate(
         dist.barrier()  # no rank looks for checkpoints while they move
     if di.is_main:
         text = yaml.safe_dump(probe_settings(m.cfg), sort_keys=False)
-        files.atomic_write(o.out / "config.yaml", lambda t: Path(t).write_text(text))
+        files.write_text(o.out / "config.yaml", text)
     log.info(
         f"linear-eval ({o.protocol}) of {learned.arch} on {splits.train_source} "
         f"({len(splits.train)} images) / {splits.val_source} ({len(splits.val)}), "

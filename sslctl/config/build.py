@@ -4,6 +4,7 @@ checked (``from_dict``, ``linear_from_dict``), then the rules across keys (``val
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import typing
@@ -41,10 +42,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-6" as a string
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-6" as a string
             return float(value)
-        except ValueError:
-            pass
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
         raise UserError(

@@ -245,11 +245,8 @@ _ConfigDumper.add_representer(
 
 
 def _write_text(path: Path, text: str) -> Path:
-    def _write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-
     try:
-        files.atomic_write(path, _write)
+        files.write_text(path, text)
     except OSError as e:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     return path

@@ -157,7 +157,7 @@ def write_status(
     }
     if changes:
         status["changes"] = changes
-    _write_text(run_dir / "status.json", json.dumps(status) + "\n")
+    files.write_text(run_dir / "status.json", json.dumps(status) + "\n")
 
 
 def write_config_record(
@@ -170,14 +170,7 @@ def write_config_record(
         f"# sslctl {__version__}: the configuration this run ran with (the last start: "
         f"step {step})\n# data: {data_root}\n"
     )
-    _write_text(run_dir / "config.yaml", header + to_yaml(cfg))
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    files.atomic_write(path, write)
+    files.write_text(run_dir / "config.yaml", header + to_yaml(cfg))
 
 
 def status_is(di: dist.DistInfo, run_dir: Path, stopped: str, step: int) -> bool:

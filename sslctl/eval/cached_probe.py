@@ -17,7 +17,7 @@ from sslctl import log
 from sslctl.config import CachedCfg
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.eval.features import fits_in_free_memory
-from sslctl.eval.knn import correct_counts
+from sslctl.eval.knn import correct_counts, percent_correct
 from sslctl.eval.linear import ProbeResult, make_head
 
 
@@ -66,8 +66,7 @@ def _evaluate_head(
     for i in range(0, feats.shape[0], chunk):
         x = (feats[i : i + chunk].to(dev) - stats[0]) / stats[1]
         counts += correct_counts(head(x), labels[i : i + chunk].to(dev))
-    n = max(feats.shape[0], 1)
-    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n}
+    return percent_correct(counts, feats.shape[0])
 
 
 def train_cached_head(

@@ -57,11 +57,16 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).double()
 
 
+def percent_correct(counts: torch.Tensor, n: float) -> dict[str, float]:
+    """``correct_counts`` summed over ``n`` samples as top1 / top5 in percent."""
+    n = max(n, 1)
+    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n}
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """top1 / top5 in percent (top5 = top-C when there are fewer than 5 classes)."""
     hits = correct_counts(scores, labels.to(scores.device, torch.int64))
-    n = max(labels.shape[0], 1)
-    return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
+    return percent_correct(hits, labels.shape[0])
 
 
 def knn_accuracy(

@@ -46,7 +46,7 @@ from sslctl.engine.run_state import (
 from sslctl.engine.schedules import WarmupCosine
 from sslctl.eval.cache import state_digest
 from sslctl.eval.features import loader_workers, shard_range
-from sslctl.eval.knn import correct_counts
+from sslctl.eval.knn import correct_counts, percent_correct
 from sslctl.eval.splits import Splits
 from sslctl.rundir import config_changes, show_value
 
@@ -352,8 +352,7 @@ class StandardProbe:
             counts[:2] += correct_counts(self.head(self.features(x)), y)
             counts[2] += y.shape[0]
         c = dist.all_reduce_mean(counts) * self.di.world_size
-        n = max(float(c[2]), 1.0)
-        return {"top1": 100.0 * float(c[0]) / n, "top5": 100.0 * float(c[1]) / n}
+        return percent_correct(c, float(c[2]))
 
     def _end_epoch(self, metrics: log.MetricsWriter) -> None:
         scores = self.validate()
