@@ -9,10 +9,8 @@ Markers (declared in pyproject.toml):
 - ``slow``: over ~10 s on the 2-core CI box (a subprocess that imports torch costs ~8 s there).
 
 ``make test-fast`` runs ``pytest -m "not slow and not ddp"``; ``make test`` runs everything.
-Tests are marked where they are written (a decorator or a module ``pytestmark``), except the
-ones listed in ``MARKS`` below (modules whose owners keep them as they are): those are marked
-here by node-id prefix. A node id is relative to the rootdir (pyproject.toml's folder) wherever
-pytest is started.
+Tests are marked where they are written (a decorator or a module ``pytestmark``); here every
+``ddp`` test is also marked ``slow``.
 
 Fixtures: ``one_torch_thread_per_session`` (autouse), ``image_folder``, ``shared_images`` and
 ``tiny_profile``.
@@ -26,32 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# node-id prefix -> markers added at collection (durations on the 2-core box).
-MARKS: dict[str, tuple[str, ...]] = {
-    # every test runs `sslctl pretrain` (or an evaluation) in a subprocess: 30-90 s each
-    "tests/test_run_safety.py::": ("slow",),
-    # two subprocesses that each import torch
-    "tests/test_signals.py::test_workers_ignore_stop_signals_except_their_owners_sigterm": (
-        "slow",
-    ),
-    # `sslctl pretrain` in a subprocess
-    "tests/test_faults.py::test_enospc_through_cli_is_one_line": ("slow",),
-    # in-process resnet18 runs of several epochs (22-59 s in a loaded fast-suite run)
-    "tests/test_engine.py::test_resume_equals_uninterrupted": ("slow",),
-    "tests/test_engine.py::test_periodic_monitor_runs_every_n_epochs_and_logs": ("slow",),
-    "tests/test_engine.py::test_full_run_writes_checkpoints_and_metrics": ("slow",),
-    "tests/test_engine.py::test_target_gets_no_grad_and_follows_online": ("slow",),
-    "tests/test_engine.py::test_byol_method_trains": ("slow",),
-    "tests/test_engine.py::test_nonfinite_loss_halts_and_keeps_checkpoint": ("slow",),
-}
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        for prefix, names in MARKS.items():
-            if item.nodeid.startswith(prefix):
-                for name in names:
-                    item.add_marker(getattr(pytest.mark, name))
         if item.get_closest_marker("ddp") is not None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():

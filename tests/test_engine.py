@@ -20,6 +20,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_safetensors(checkpoint.resolve(run_dir).weights)[0]
 
 
+@pytest.mark.slow  # in-process resnet18 runs of several epochs
 def test_full_run_writes_checkpoints_and_metrics(tmp_path):
     res = run(tmp_path, small_cfg())
     assert res.stopped == "done" and res.step == 3 * 2 and res.epoch == 3
@@ -36,6 +37,7 @@ def test_full_run_writes_checkpoints_and_metrics(tmp_path):
     assert meta["method"] == "triplet" and meta["arch"] == "resnet18"
 
 
+@pytest.mark.slow  # in-process resnet18 runs of several epochs
 def test_resume_equals_uninterrupted(tmp_path):
     """N steps straight vs N/2 + resume + N/2 (mid-epoch split): identical weights."""
     cfg = small_cfg("train.epochs=2")
@@ -51,6 +53,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow  # in-process resnet18 runs of several epochs
 def test_target_gets_no_grad_and_follows_online(tmp_path):
     cfg = small_cfg()
     t = Trainer(FitRequest(cfg, tmp_path, TensorLoader(48, 12), "none"), CPU)
@@ -86,6 +89,7 @@ def test_ema_update_formula():
         assert torch.allclose(t, 0.9 * a + 0.1 * b, atol=1e-6)
 
 
+@pytest.mark.slow  # in-process resnet18 runs of several epochs
 def test_byol_method_trains(tmp_path):
     res = run(tmp_path, small_cfg("method.name=byol", "method.multires=false"))
     assert res.step == 6 and torch.isfinite(torch.tensor(res.last_loss))
@@ -122,6 +126,7 @@ def test_resume_with_another_network_is_one_clear_error(tmp_path, change, messag
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow  # in-process resnet18 runs of several epochs
 def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
     cfg = small_cfg("train.max_nonfinite=2", "train.epochs=3")
     run(tmp_path, cfg, max_steps=2)
@@ -139,6 +144,7 @@ def test_nonfinite_loss_halts_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.resolve(tmp_path).step == 2
 
 
+@pytest.mark.slow  # in-process resnet18 runs of several epochs
 def test_periodic_monitor_runs_every_n_epochs_and_logs(tmp_path):
     cfg = small_cfg(
         "eval.knn_every=2", "eval.knn_train=bundled", "eval.knn_val=bundled", "train.epochs=4"

@@ -231,6 +231,7 @@ def test_enospc_on_save_keeps_previous_and_stops_cleanly(tmp_path, monkeypatch):
     assert not list((run / "checkpoints").glob(".sslctl-tmp.*"))
 
 
+@pytest.mark.slow  # `sslctl pretrain` in a subprocess
 def test_enospc_through_cli_is_one_line(tmp_path):
     """The same failure from the command line: exit 2, one 'error:' line, no traceback."""
     data = noise_folder(tmp_path / "data", n=24)

@@ -409,8 +409,10 @@ def test_kill9_then_rerun_leaves_no_temporaries_and_a_continuous_history(base, t
     _no_gaps(run / "metrics.jsonl", STEPS)
 
 
+# every test runs `sslctl pretrain` (or an evaluation) in a subprocess: 30-90 s each
+pytestmark = [pytest.mark.slow]
 if sys.platform != "linux":  # flock and FIFOs as tested here are Linux behaviour
-    pytestmark = pytest.mark.skip("Linux only")
+    pytestmark.append(pytest.mark.skip("Linux only"))
 
 
 def test_failed_start_leaves_no_empty_run_folder(base, tmp_path):

@@ -275,6 +275,7 @@ def _alive(proc: multiprocessing.process.BaseProcess, seconds: float) -> bool:
     return proc.is_alive()
 
 
+@pytest.mark.slow  # two subprocesses that each import torch
 def test_workers_ignore_stop_signals_except_their_owners_sigterm():
     """Workers ignore the stop signals, the caller's own worker_init_fn still runs, and a
     SIGTERM from the loader's own process still ends a worker (torch's shutdown, and
